@@ -1,0 +1,1101 @@
+"""The in-sandbox agent: runs commands and file operations for aiva. Stdlib only, Python >= 3.8.
+
+It runs inside arbitrary images, so it must not import anything outside the standard
+library. One thread, one ``selectors`` loop: client connections (a Unix socket, stdio, a
+serial device), child process pipes, SIGCHLD and timers all wake the same loop, which
+keeps a command round trip well under a millisecond of agent time.
+
+Usage: ``python3 DIR --listen unix:/path/agent.sock`` or ``python3 DIR --stdio``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import heapq
+import json
+import os
+import pwd
+import selectors
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections import deque
+
+try:
+    from . import protocol as p
+except ImportError:  # run as a directory: python3 /path/to/agent
+    import protocol as p  # type: ignore[no-redef]
+
+K = p.FrameKind
+AGENT_VERSION = "1"
+BACKGROUND_BUFFER = 1 << 20  # bytes of output kept per stream for a detached process
+OUTPUT_LINGER = 0.2  # seconds to drain pipes held open by grandchildren after exit
+WRITE_HIGH_WATER = 4 << 20  # stop producing file data when this much is queued
+
+
+def log(msg):
+    # type: (str) -> None
+    sys.stderr.write("aiva-agent: %s\n" % msg)
+    sys.stderr.flush()
+
+
+def set_nonblocking(fd):
+    # type: (int) -> None
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+class RequestError(Exception):
+    """A failure to report to the client as ERROR, with an exception class name."""
+
+    def __init__(self, kind, message):
+        # type: (str, str) -> None
+        Exception.__init__(self, message)
+        self.kind = kind
+
+
+def error_payload(exc):
+    # type: (BaseException) -> dict
+    if isinstance(exc, RequestError):
+        return {"kind": exc.kind, "message": str(exc)}
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        msg = "%s: %s" % (exc.strerror, where) if where else exc.strerror
+        return {"kind": type(exc).__name__, "message": msg, "errno": exc.errno}
+    return {"kind": type(exc).__name__, "message": str(exc) or type(exc).__name__}
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class Conn:
+    """One client byte stream. ``rfd`` and ``wfd`` may be the same (a socket)."""
+
+    def __init__(self, agent, rfd, wfd, name, owned=True):
+        # type: (Agent, int, int, str, bool) -> None
+        self.agent = agent
+        self.rfd = rfd
+        self.wfd = wfd
+        self.name = name
+        self.owned = owned
+        self.decoder = p.Decoder()
+        self.out = bytearray()
+        self.channels = {}  # type: dict
+        self.producers = deque()  # type: deque
+        self.closed = False
+
+    def send(self, kind, chan, payload=b""):
+        # type: (int, int, bytes) -> None
+        if self.closed:
+            return
+        self.out += p.encode(kind, chan, payload)
+        self.agent.want_write(self)
+
+    def send_json(self, kind, chan, obj):
+        # type: (int, int, object) -> None
+        self.send(kind, chan, json.dumps(obj, separators=(",", ":")).encode())
+
+    def finish(self, chan, result):
+        # type: (int, dict) -> None
+        self.channels.pop(chan, None)
+        self.send_json(K.RESULT, chan, result)
+
+    def fail(self, chan, exc):
+        # type: (int, BaseException) -> None
+        self.channels.pop(chan, None)
+        self.send_json(K.ERROR, chan, error_payload(exc))
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Proc:
+    """A child process, its pipes, and who (if anyone) is listening to it."""
+
+    def __init__(self, popen, conn, chan, background):
+        # type: (subprocess.Popen, Conn, int, bool) -> None
+        self.popen = popen
+        self.pid = popen.pid
+        self.conn = conn  # type: Conn | None
+        self.chan = chan
+        self.background = background
+        self.started = time.time()
+        self.exit_code = None  # type: int | None
+        self.timed_out = False
+        self.open_pipes = 0
+        self.stdin_buf = bytearray()
+        self.stdin_eof = False
+        self.buffers = {K.STDOUT: bytearray(), K.STDERR: bytearray()}
+        self.waiters = []  # type: list
+        self.done = False
+        self.finished_at = None  # type: float | None
+
+    def result(self):
+        # type: () -> dict
+        return {
+            "pid": self.pid,
+            "exit_code": self.exit_code,
+            "timed_out": self.timed_out,
+            "duration": (self.finished_at or time.time()) - self.started,
+        }
+
+    def full_result(self):
+        # type: () -> dict
+        """The result plus the output kept for a detached (background) process."""
+        out = self.result()
+        out["stdout"] = bytes(self.buffers[K.STDOUT]).decode("utf-8", "replace")
+        out["stderr"] = bytes(self.buffers[K.STDERR]).decode("utf-8", "replace")
+        return out
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class Agent:
+    def __init__(self):
+        # type: () -> None
+        self.sel = selectors.DefaultSelector()
+        self.conns = []  # type: list
+        self.procs = {}  # type: dict
+        self.pipes = {}  # type: dict
+        self.timers = []  # type: list
+        self.timer_seq = 0
+        self.running = True
+        self.listeners = []  # type: list
+        r, w = os.pipe()
+        set_nonblocking(r)
+        set_nonblocking(w)
+        self.wake_r = r
+        signal.set_wakeup_fd(w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.sel.register(r, selectors.EVENT_READ, ("wake", None))
+
+    # ---------------------------------------------------------------- setup
+
+    def listen_unix(self, path):
+        # type: (str) -> None
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        d = os.path.dirname(path)
+        if d and not os.path.isdir(d):
+            os.makedirs(d)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path + ".tmp")
+        os.chmod(path + ".tmp", 0o660)
+        sock.listen(64)
+        os.rename(path + ".tmp", path)  # appears only once it accepts
+        sock.setblocking(False)
+        self.listeners.append(sock)
+        self.sel.register(sock, selectors.EVENT_READ, ("accept", sock))
+
+    def serve_fds(self, rfd, wfd, name):
+        # type: (int, int, str) -> None
+        set_nonblocking(rfd)
+        if wfd != rfd:
+            set_nonblocking(wfd)
+        conn = Conn(self, rfd, wfd, name, owned=False)
+        self.conns.append(conn)
+        self.sel.register(rfd, selectors.EVENT_READ, ("conn", conn))
+
+    def _on_term(self, *_):
+        # type: (object) -> None
+        self.running = False
+
+    # ---------------------------------------------------------------- loop
+
+    def run(self):
+        # type: () -> None
+        while self.running:
+            timeout = None
+            if self.timers:
+                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+            try:
+                events = self.sel.select(timeout)
+            except InterruptedError:
+                continue
+            for key, mask in events:
+                what, obj = key.data
+                try:
+                    if what == "wake":
+                        self._on_wake()
+                    elif what == "accept":
+                        self._on_accept(obj)
+                    elif what == "conn":
+                        if mask & selectors.EVENT_READ:
+                            self._on_conn_read(obj)
+                        if mask & selectors.EVENT_WRITE and not obj.closed:
+                            self._on_conn_write(obj)
+                    elif what == "wconn":
+                        self._on_conn_write(obj)
+                    elif what == "pipe":
+                        self._on_pipe(key.fd, obj)
+                    elif what == "stdin":
+                        self._on_stdin_writable(obj)
+                except Exception as exc:  # the loop must survive anything
+                    log("internal error in %s handler: %r" % (what, exc))
+            self._run_timers()
+        self.shutdown()
+
+    def _run_timers(self):
+        # type: () -> None
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self.timers)
+            try:
+                fn()
+            except Exception as exc:
+                log("timer failed: %r" % (exc,))
+
+    def call_later(self, delay, fn):
+        # type: (float, object) -> None
+        self.timer_seq += 1
+        heapq.heappush(self.timers, (time.monotonic() + delay, self.timer_seq, fn))
+
+    def shutdown(self):
+        # type: () -> None
+        for proc in list(self.procs.values()):
+            if proc.exit_code is None:
+                self._killpg(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and any(
+            pr.exit_code is None for pr in self.procs.values()
+        ):
+            self._reap()
+            time.sleep(0.02)
+        for proc in self.procs.values():
+            if proc.exit_code is None:
+                self._killpg(proc, signal.SIGKILL)
+        for sock in self.listeners:
+            try:
+                os.unlink(sock.getsockname())
+            except OSError:
+                pass
+        for conn in list(self.conns):
+            self._flush_blocking(conn)
+
+    def _flush_blocking(self, conn):
+        # type: (Conn) -> None
+        deadline = time.monotonic() + 1
+        while conn.out and time.monotonic() < deadline:
+            try:
+                n = os.write(conn.wfd, conn.out)
+                del conn.out[:n]
+            except BlockingIOError:
+                time.sleep(0.005)
+            except OSError:
+                break
+
+    # ---------------------------------------------------------------- connections
+
+    def _on_accept(self, sock):
+        # type: (socket.socket) -> None
+        try:
+            client, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        client.setblocking(False)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        fd = client.detach()
+        conn = Conn(self, fd, fd, "unix")
+        self.conns.append(conn)
+        self.sel.register(fd, selectors.EVENT_READ, ("conn", conn))
+
+    def _on_conn_read(self, conn):
+        # type: (Conn) -> None
+        try:
+            data = os.read(conn.rfd, 1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close_conn(conn)
+            return
+        for kind, chan, payload in conn.decoder.feed(data):
+            try:
+                self._dispatch(conn, kind, chan, payload)
+            except Exception as exc:
+                conn.fail(chan, exc)
+
+    def want_write(self, conn):
+        # type: (Conn) -> None
+        if conn.closed:
+            return
+        # try right away: most replies are small and the socket has room
+        self._on_conn_write(conn)
+
+    def _update_write_interest(self, conn):
+        # type: (Conn) -> None
+        need = bool(conn.out) or bool(conn.producers)
+        if conn.rfd == conn.wfd:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if need else 0)
+            key = self.sel.get_key(conn.rfd)
+            if key.events != events:
+                self.sel.modify(conn.rfd, events, ("conn", conn))
+        else:
+            registered = conn.wfd in self.sel.get_map()
+            if need and not registered:
+                self.sel.register(conn.wfd, selectors.EVENT_WRITE, ("wconn", conn))
+            elif not need and registered:
+                self.sel.unregister(conn.wfd)
+
+    def _on_conn_write(self, conn):
+        # type: (Conn) -> None
+        while True:
+            while conn.producers and len(conn.out) < WRITE_HIGH_WATER:
+                prod = conn.producers[0]
+                try:
+                    chunk = next(prod)
+                except StopIteration:
+                    conn.producers.popleft()
+                    continue
+                except Exception as exc:
+                    conn.producers.popleft()
+                    log("producer failed: %r" % (exc,))
+                    continue
+                conn.out += chunk
+            if not conn.out:
+                break
+            try:
+                n = os.write(conn.wfd, conn.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close_conn(conn)
+                return
+            del conn.out[:n]
+            if conn.out:
+                break
+        if not conn.closed:
+            self._update_write_interest(conn)
+
+    def close_conn(self, conn):
+        # type: (Conn) -> None
+        if conn.closed:
+            return
+        conn.closed = True
+        for fd in {conn.rfd, conn.wfd}:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            if conn.owned:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if conn in self.conns:
+            self.conns.remove(conn)
+        for handler in list(conn.channels.values()):
+            try:
+                handler.abort()
+            except Exception as exc:
+                log("abort failed: %r" % (exc,))
+        conn.channels.clear()
+        conn.producers.clear()
+        if not conn.owned:  # stdio or a device: the agent's life is this stream
+            self.running = False
+
+    # ---------------------------------------------------------------- frames
+
+    def _dispatch(self, conn, kind, chan, payload):
+        # type: (Conn, int, int, bytes) -> None
+        if kind == K.OPEN:
+            if chan in conn.channels:
+                raise RequestError("ProtocolError", "channel %d is already open" % chan)
+            req = p.decode_json(payload)
+            op = req.get("op")
+            handler = OPS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise RequestError("UnknownOperation", "unknown operation %r" % (op,))
+            handler(self, conn, chan, req)
+            return
+        target = conn.channels.get(chan)
+        if target is None:
+            return  # late frame for a finished channel: drop it
+        if kind in (K.STDIN, K.DATA):
+            target.data(payload)
+        elif kind == K.EOF:
+            target.eof()
+        elif kind == K.SIGNAL:
+            target.signal(p.decode_json(payload))
+
+    # ---------------------------------------------------------------- processes
+
+    def _on_wake(self):
+        # type: () -> None
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        self._reap()
+
+    def _reap(self):
+        # type: () -> None
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            proc = self.procs.get(pid)
+            if proc is None:
+                continue  # an orphan we adopted as init
+            if os.WIFSIGNALED(status):
+                code = -os.WTERMSIG(status)
+            else:
+                code = os.WEXITSTATUS(status)
+            proc.exit_code = code
+            proc.popen.returncode = code
+            proc.finished_at = time.time()
+            if proc.open_pipes:
+                self.call_later(OUTPUT_LINGER, lambda pr=proc: self._close_pipes(pr))
+            self._maybe_done(proc)
+
+    def _close_pipes(self, proc):
+        # type: (Proc) -> None
+        for fd, (pr, _kind) in list(self.pipes.items()):
+            if pr is proc:
+                self._drop_pipe(fd)
+        self._maybe_done(proc)
+
+    def _drop_pipe(self, fd):
+        # type: (int) -> None
+        proc, _ = self.pipes.pop(fd)
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        os.close(fd)
+        proc.open_pipes -= 1
+
+    def _on_pipe(self, fd, info):
+        # type: (int, tuple) -> None
+        proc, kind = info
+        try:
+            data = os.read(fd, 1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_pipe(fd)
+            self._maybe_done(proc)
+            return
+        if proc.conn is not None and not proc.conn.closed:
+            proc.conn.send(kind, proc.chan, data)
+        if proc.background:
+            buf = proc.buffers[kind]
+            buf += data
+            if len(buf) > BACKGROUND_BUFFER:
+                del buf[: len(buf) - BACKGROUND_BUFFER]
+
+    def _maybe_done(self, proc):
+        # type: (Proc) -> None
+        if proc.done or proc.exit_code is None or proc.open_pipes:
+            return
+        proc.done = True
+        self._close_stdin(proc)
+        if proc.conn is not None and proc.conn.channels.get(proc.chan) is not None:
+            proc.conn.finish(proc.chan, proc.result())
+        for conn, chan in proc.waiters:
+            conn.finish(chan, proc.full_result())
+        proc.waiters = []
+        if not proc.background:
+            self.procs.pop(proc.pid, None)
+        else:  # keep a finished background process around for a later wait
+            self.call_later(600, lambda: self._forget(proc))
+
+    def _forget(self, proc):
+        # type: (Proc) -> None
+        if self.procs.get(proc.pid) is proc:
+            del self.procs[proc.pid]
+
+    def _killpg(self, proc, sig):
+        # type: (Proc, int) -> None
+        try:
+            os.killpg(proc.pid, sig)
+        except OSError:
+            try:
+                os.kill(proc.pid, sig)
+            except OSError:
+                pass
+
+    def _on_stdin_writable(self, proc):
+        # type: (Proc) -> None
+        stdin = proc.popen.stdin
+        if stdin is None:
+            return
+        fd = stdin.fileno()
+        try:
+            n = os.write(fd, proc.stdin_buf)
+            del proc.stdin_buf[:n]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # the process closed its stdin: drop the rest
+            proc.stdin_buf = bytearray()
+        if not proc.stdin_buf:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            if proc.stdin_eof:
+                self._close_stdin(proc)
+
+    def _close_stdin(self, proc):
+        # type: (Proc) -> None
+        stdin = proc.popen.stdin
+        if stdin is None:
+            return
+        try:
+            self.sel.unregister(stdin.fileno())
+        except (KeyError, ValueError):
+            pass
+        try:
+            stdin.close()
+        except OSError:
+            pass
+        proc.popen.stdin = None
+
+
+# --------------------------------------------------------------------------- channel handlers
+
+
+class ExecChannel:
+    def __init__(self, agent, proc):
+        # type: (Agent, Proc) -> None
+        self.agent = agent
+        self.proc = proc
+
+    def data(self, payload):
+        # type: (bytes) -> None
+        proc = self.proc
+        if proc.popen.stdin is None:
+            return
+        was_empty = not proc.stdin_buf
+        proc.stdin_buf += payload
+        if was_empty:
+            self.agent._on_stdin_writable(proc)
+            if proc.stdin_buf and proc.popen.stdin is not None:
+                self.agent.sel.register(
+                    proc.popen.stdin.fileno(), selectors.EVENT_WRITE, ("stdin", proc)
+                )
+
+    def eof(self):
+        # type: () -> None
+        self.proc.stdin_eof = True
+        if not self.proc.stdin_buf:
+            self.agent._close_stdin(self.proc)
+
+    def signal(self, req):
+        # type: (dict) -> None
+        self.agent._killpg(self.proc, int(req.get("signal", signal.SIGTERM)))
+
+    def abort(self):
+        # type: () -> None
+        proc = self.proc
+        proc.conn = None
+        if not proc.background and proc.exit_code is None:
+            self.agent._killpg(proc, signal.SIGKILL)
+
+
+def _user_env(user):
+    # type: (str) -> tuple
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise RequestError("LookupError", "no user %r in the sandbox" % user)
+    return pw
+
+
+def op_exec(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    argv = req.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise RequestError("ValueError", "argv must be a non-empty list of strings")
+    env = dict(os.environ)
+    env.pop("AIVA_AGENT_SOCKET", None)
+    env.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})
+    cwd = req.get("cwd") or None
+    if cwd is not None and not os.path.isdir(cwd):
+        if req.get("cwd_default"):
+            cwd = None
+        else:
+            raise FileNotFoundError(errno.ENOENT, "working directory does not exist", cwd)
+    preexec = None
+    user = req.get("user")
+    if user:
+        pw = _user_env(str(user))
+        env.update({"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name})
+
+        def preexec(pw=pw):
+            # type: (object) -> None
+            os.initgroups(pw.pw_name, pw.pw_gid)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+
+    want_stdin = bool(req.get("stdin"))
+    popen = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        preexec_fn=preexec,
+        close_fds=True,
+    )
+    proc = Proc(popen, conn, chan, bool(req.get("background")))
+    agent.procs[popen.pid] = proc
+    for stream, kind in ((popen.stdout, K.STDOUT), (popen.stderr, K.STDERR)):
+        assert stream is not None
+        fd = stream.fileno()
+        set_nonblocking(fd)
+        stream_fd = os.dup(fd)
+        stream.close()
+        agent.pipes[stream_fd] = (proc, kind)
+        agent.sel.register(stream_fd, selectors.EVENT_READ, ("pipe", (proc, kind)))
+        proc.open_pipes += 1
+    if popen.stdin is not None:
+        set_nonblocking(popen.stdin.fileno())
+    popen.stdout = popen.stderr = None
+    conn.channels[chan] = ExecChannel(agent, proc)
+    conn.send_json(K.EVENT, chan, {"started": popen.pid})
+    timeout = req.get("timeout")
+    if timeout:
+
+        def on_timeout(proc=proc):
+            # type: (Proc) -> None
+            if proc.exit_code is None:
+                proc.timed_out = True
+                agent._killpg(proc, signal.SIGKILL)
+
+        agent.call_later(float(timeout), on_timeout)
+    # a child that exited before we registered has already sent SIGCHLD: reap now
+    agent._reap()
+
+
+def _find_proc(agent, req):
+    # type: (Agent, dict) -> Proc
+    proc = agent.procs.get(int(req.get("pid", -1)))
+    if proc is None:
+        raise RequestError("ProcessLookupError", "no process %s known to the agent" % req.get("pid"))
+    return proc
+
+
+def op_proc_wait(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    proc = _find_proc(agent, req)
+    if proc.done:
+        conn.finish(chan, proc.full_result())
+        return
+    proc.waiters.append((conn, chan))
+    conn.channels[chan] = _Waiter(proc, conn, chan)
+
+
+class _Waiter:
+    def __init__(self, proc, conn, chan):
+        # type: (Proc, Conn, int) -> None
+        self.proc, self.conn, self.chan = proc, conn, chan
+
+    def data(self, payload):
+        # type: (bytes) -> None
+        pass
+
+    eof = signal = lambda self, *a: None  # type: ignore[assignment]
+
+    def abort(self):
+        # type: () -> None
+        self.proc.waiters = [w for w in self.proc.waiters if w[0] is not self.conn]
+
+
+def op_proc_kill(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    proc = _find_proc(agent, req)
+    agent._killpg(proc, int(req.get("signal", signal.SIGKILL)))
+    conn.finish(chan, {"pid": proc.pid})
+
+
+def op_proc_list(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    items = [pr.result() for pr in agent.procs.values()]
+    for item, pr in zip(items, agent.procs.values()):
+        item["argv"] = pr.popen.args
+        item["background"] = pr.background
+    conn.finish(chan, {"procs": items})
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _stat_entry(path, name=None):
+    # type: (str, str | None) -> dict
+    st = os.lstat(path)
+    mode = st.st_mode
+    kind = (
+        "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
+        else "symlink" if stat.S_ISLNK(mode) else "other"
+    )
+    return {
+        "name": name if name is not None else os.path.basename(path),
+        "path": path,
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(mode),
+        "mtime": st.st_mtime,
+        "mtime_ns": st.st_mtime_ns,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }
+
+
+def op_fs_read(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    path = req["path"]
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+    f = open(path, "rb")
+    st = os.fstat(f.fileno())
+    conn.send_json(K.EVENT, chan, {"size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
+                                   "mtime_ns": st.st_mtime_ns})
+
+    class _Reader:
+        def abort(self):
+            # type: () -> None
+            f.close()
+
+        def data(self, payload):
+            # type: (bytes) -> None
+            pass
+
+        eof = signal = lambda self, *a: None  # type: ignore[assignment]
+
+    conn.channels[chan] = _Reader()
+
+    def produce():
+        # type: () -> object
+        total = 0
+        try:
+            while True:
+                chunk = f.read(p.CHUNK * 4)
+                if not chunk:
+                    break
+                total += len(chunk)
+                yield p.encode(K.DATA, chan, chunk)
+        except OSError as exc:
+            conn.channels.pop(chan, None)
+            yield p.encode_json(K.ERROR, chan, error_payload(exc))
+            return
+        finally:
+            f.close()
+        conn.channels.pop(chan, None)
+        yield p.encode_json(K.RESULT, chan, {"bytes": total})
+
+    conn.producers.append(produce())
+    agent.want_write(conn)
+
+
+class _Writer:
+    def __init__(self, agent, conn, chan, req):
+        # type: (Agent, Conn, int, dict) -> None
+        self.conn, self.chan, self.req = conn, chan, req
+        self.path = req["path"]
+        self.total = 0
+        self.failed = None  # type: BaseException | None
+        parent = os.path.dirname(self.path) or "."
+        if req.get("mkdirs"):
+            os.makedirs(parent, exist_ok=True)
+        if os.path.isdir(self.path):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", self.path)
+        if req.get("append"):
+            self.tmp = None  # type: str | None
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        else:
+            self.tmp = os.path.join(parent, ".%s.aiva-%d-%d" % (
+                os.path.basename(self.path), os.getpid(), chan))
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def data(self, payload):
+        # type: (bytes) -> None
+        if self.failed is not None:
+            return
+        try:
+            view = memoryview(payload)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            self.total += len(payload)
+        except OSError as exc:
+            self.failed = exc
+
+    def eof(self):
+        # type: () -> None
+        try:
+            if self.failed is not None:
+                raise self.failed
+            req = self.req
+            mode = req.get("mode")
+            if self.tmp is not None:
+                if mode is None:
+                    try:
+                        mode = stat.S_IMODE(os.stat(self.path).st_mode)
+                    except OSError:
+                        mode = 0o644
+                os.fchmod(self.fd, mode)
+            elif mode is not None:
+                os.fchmod(self.fd, mode)
+            os.close(self.fd)
+            self.fd = -1
+            if self.tmp is not None:
+                os.replace(self.tmp, self.path)
+                self.tmp = None
+            if req.get("mtime_ns") is not None:
+                m = int(req["mtime_ns"])
+                os.utime(self.path, ns=(m, m))
+            self.conn.finish(self.chan, {"bytes": self.total})
+        except Exception as exc:
+            self.abort()
+            self.conn.fail(self.chan, exc)
+
+    def signal(self, req):
+        # type: (dict) -> None
+        pass
+
+    def abort(self):
+        # type: () -> None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.tmp:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+            self.tmp = None
+
+
+def op_fs_write(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    conn.channels[chan] = _Writer(agent, conn, chan, req)
+
+
+def op_fs_stat(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    conn.finish(chan, _stat_entry(req["path"]))
+
+
+def op_fs_list(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    path = req["path"]
+    entries = []
+    for name in sorted(os.listdir(path)):
+        try:
+            entries.append(_stat_entry(os.path.join(path, name), name))
+        except OSError:
+            continue  # vanished while listing
+    conn.finish(chan, {"entries": entries})
+
+
+def op_fs_walk(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    """Every file under a root as relpath -> [size, mtime_ns, mode], sent in batches."""
+    root = req["path"]
+    if not os.path.isdir(root):
+        if os.path.exists(root):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
+        raise FileNotFoundError(errno.ENOENT, "no such directory", root)
+    batch = {}  # type: dict
+    dirs = []
+    count = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full):
+                filenames.append(d)
+                continue
+            dirs.append(d if rel_dir == "." else rel_dir + "/" + d)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            rel = name if rel_dir == "." else rel_dir + "/" + name
+            batch[rel] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)]
+            count += 1
+            if len(batch) >= 5000:
+                conn.send_json(K.EVENT, chan, {"files": batch})
+                batch = {}
+    conn.send_json(K.EVENT, chan, {"files": batch, "dirs": dirs})
+    conn.finish(chan, {"count": count})
+
+
+def op_fs_hash(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    root = req.get("root") or "/"
+    hashes = {}
+    for rel in req["paths"]:
+        h = hashlib.sha256()
+        try:
+            with open(os.path.join(root, rel), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            hashes[rel] = None
+            continue
+        hashes[rel] = h.hexdigest()
+    conn.finish(chan, {"hashes": hashes})
+
+
+def op_fs_mkdir(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    path = req["path"]
+    if req.get("parents", True):
+        os.makedirs(path, mode=int(req.get("mode", 0o755)), exist_ok=True)
+    else:
+        os.mkdir(path, int(req.get("mode", 0o755)))
+    conn.finish(chan, {"path": path})
+
+
+def _rmtree(path):
+    # type: (str) -> None
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            os.unlink(os.path.join(dirpath, name))
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                os.unlink(full)
+            else:
+                os.rmdir(full)
+    os.rmdir(path)
+
+
+def op_fs_remove(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    path = req["path"]
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        if req.get("recursive"):
+            _rmtree(path)
+        else:
+            os.rmdir(path)
+    else:
+        os.unlink(path)
+    conn.finish(chan, {"path": path})
+
+
+def op_fs_rename(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    src, dst = req["src"], req["dst"]
+    os.lstat(src)  # a clear error naming the source if it is missing
+    os.rename(src, dst)
+    conn.finish(chan, {"src": src, "dst": dst})
+
+
+# --------------------------------------------------------------------------- system
+
+
+def _read(path):
+    # type: (str) -> str
+    with open(path) as f:
+        return f.read()
+
+
+def op_ping(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    conn.finish(chan, {
+        "version": AGENT_VERSION,
+        "pid": os.getpid(),
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "uid": os.getuid(),
+    })
+
+
+def op_sys_metrics(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    """CPU, memory and uptime as the guest sees them, from /proc."""
+    out = {}  # type: dict
+    try:
+        mem = {}
+        for line in _read("/proc/meminfo").splitlines():
+            key, _, rest = line.partition(":")
+            mem[key] = int(rest.split()[0]) * 1024
+        out["memory"] = {
+            "total": mem.get("MemTotal", 0),
+            "available": mem.get("MemAvailable", 0),
+            "used": mem.get("MemTotal", 0) - mem.get("MemAvailable", 0),
+            "cache": mem.get("Cached", 0) + mem.get("Buffers", 0),
+        }
+        cpu = _read("/proc/stat").splitlines()[0].split()[1:]
+        out["cpu_jiffies"] = [int(x) for x in cpu]
+        out["uptime"] = float(_read("/proc/uptime").split()[0])
+        out["loadavg"] = [float(x) for x in _read("/proc/loadavg").split()[:3]]
+    except (OSError, ValueError, IndexError) as exc:
+        out["error"] = str(exc)
+    conn.finish(chan, out)
+
+
+OPS = {
+    "ping": op_ping,
+    "exec": op_exec,
+    "proc.wait": op_proc_wait,
+    "proc.kill": op_proc_kill,
+    "proc.list": op_proc_list,
+    "fs.read": op_fs_read,
+    "fs.write": op_fs_write,
+    "fs.stat": op_fs_stat,
+    "fs.list": op_fs_list,
+    "fs.walk": op_fs_walk,
+    "fs.hash": op_fs_hash,
+    "fs.mkdir": op_fs_mkdir,
+    "fs.remove": op_fs_remove,
+    "fs.rename": op_fs_rename,
+    "sys.metrics": op_sys_metrics,
+}
+
+
+def main(argv=None):
+    # type: (list | None) -> int
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="aiva-agent")
+    parser.add_argument("--listen", action="append", default=[],
+                        help="unix:/path/to/socket (repeatable)")
+    parser.add_argument("--stdio", action="store_true", help="serve one client on stdin/stdout")
+    parser.add_argument("--device", action="append", default=[],
+                        help="serve one client on a character device (virtio-serial)")
+    args = parser.parse_args(argv)
+    agent = Agent()
+    for spec in args.listen:
+        scheme, _, path = spec.partition(":")
+        if scheme != "unix" or not path:
+            parser.error("--listen takes unix:/path")
+        agent.listen_unix(path)
+    if args.stdio:
+        agent.serve_fds(sys.stdin.fileno(), sys.stdout.fileno(), "stdio")
+    for dev in args.device:
+        fd = os.open(dev, os.O_RDWR | os.O_NOCTTY)
+        agent.serve_fds(fd, fd, dev)
+    if not (args.listen or args.stdio or args.device):
+        parser.error("nothing to serve: give --listen, --stdio or --device")
+    agent.run()
+    return 0

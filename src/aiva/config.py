@@ -1,0 +1,191 @@
+"""``$AIVA_HOME/config.yaml`` (default ``~/.aiva``): defaults, platform and networking.
+
+Loaded once per process through :func:`load_config`; everything else aiva keeps (state,
+logs, caches, sockets) lives under the same ``AIVA_HOME`` so one variable moves it all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from aiva.errors import ConfigError, InvalidValue
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """'512MB', '8g', '2GiB', 1048576 -> bytes (binary units, as Docker counts them)."""
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidValue(f"size must not be negative: {value}")
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise InvalidValue(
+            f"'{value}' is not a size", hint="write it like 512MB, 2GB or 1.5g"
+        )
+    number, unit = float(m.group(1)), m.group(2).lower()
+    if not unit and m.group(3) and m.group(3).lower() != "b":
+        raise InvalidValue(f"'{value}' is not a size", hint="write it like 512MB, 2GB or 1.5g")
+    return int(number * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    for unit in ("TB", "GB", "MB", "KB"):
+        size = _UNITS[unit[0].lower()]
+        if n >= size:
+            return f"{n / size:.4g}{unit}"
+    return f"{n}B"
+
+
+def _size_text(value: Any) -> Any:
+    if isinstance(value, str | int):
+        parse_size(value)  # validate early, keep the user's spelling
+        return str(value)
+    return value
+
+
+Size = Annotated[str, BeforeValidator(_size_text)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Profile(_Section):
+    cpus: float = Field(gt=0)
+    memory: Size
+    disk: Size
+
+
+PROFILES: dict[str, Profile] = {
+    "minimal": Profile(cpus=2, memory="4GB", disk="20GB"),
+    "standard": Profile(cpus=4, memory="8GB", disk="50GB"),
+    "performance": Profile(cpus=8, memory="16GB", disk="100GB"),
+}
+
+
+class Defaults(_Section):
+    backend: Literal["auto", "docker"] = "auto"
+    profile: str = "standard"
+    cpus: float | None = Field(default=None, gt=0)
+    memory: Size | None = None
+    disk: Size | None = None
+    pids_limit: int = Field(default=4096, gt=0)
+    image: str = "aiva/python:latest"
+    cache_strategy: Literal["writeback", "writethrough", "none", "unsafe"] = "writeback"
+    stop_timeout: float = Field(default=10.0, ge=0)
+
+
+class LinuxPlatform(_Section):
+    firecracker_binary: str = "/usr/bin/firecracker"
+    jailer_binary: str = "/usr/bin/jailer"
+
+
+class MacPlatform(_Section):
+    lima_instance: str = "aiva-host"
+    lima_cpus: int = 8
+    lima_memory: Size = "16GB"
+
+
+class WindowsPlatform(_Section):
+    wsl_distro: str = "aiva-wsl"
+    nested_virtualization: bool = True
+
+
+class Platform(_Section):
+    linux: LinuxPlatform = LinuxPlatform()
+    macos: MacPlatform = MacPlatform()
+    windows: WindowsPlatform = WindowsPlatform()
+
+
+class Networking(_Section):
+    bridge_name: str = "mcp-br0"
+    subnet: str = "172.16.0.0/24"
+    dns_servers: list[str] = ["8.8.8.8", "1.1.1.1"]
+    default_bind: str = "127.0.0.1"
+
+
+class Config(_Section):
+    version: str = "1.0"
+    defaults: Defaults = Defaults()
+    platform: Platform = Platform()
+    networking: Networking = Networking()
+    profiles: dict[str, Profile] = Field(default_factory=lambda: dict(PROFILES))
+
+    def profile(self, name: str | None = None) -> Profile:
+        name = name or self.defaults.profile
+        try:
+            return self.profiles[name]
+        except KeyError:
+            known = ", ".join(sorted(self.profiles))
+            raise InvalidValue(
+                f"unknown profile '{name}'", hint=f"use one of: {known}"
+            ) from None
+
+
+def aiva_home() -> Path:
+    return Path(os.environ.get("AIVA_HOME") or Path.home() / ".aiva").expanduser()
+
+
+def config_path() -> Path:
+    return aiva_home() / "config.yaml"
+
+
+def _describe(exc: ValidationError, path: Path, raw: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        value: Any = raw
+        for part in err["loc"]:
+            value = value.get(part) if isinstance(value, dict) else None
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key} = {value!r}: {msg}")
+    return f"{path}: " + "; ".join(lines)
+
+
+def load_config(path: Path | None = None) -> Config:
+    """Read the config file; a missing file means all defaults."""
+    path = path or config_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            _describe(exc, path, raw), hint=f"fix or remove the key in {path}"
+        ) from exc
+    except InvalidValue as exc:
+        raise ConfigError(f"{path}: {exc}", hint=exc.hint) from exc
+
+
+def write_default_config(path: Path | None = None) -> Path:
+    """Write a commented default config if none exists, so users can see every key."""
+    path = path or config_path()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = Config().model_dump(mode="json", exclude={"profiles"})
+    data["profiles"] = {k: v.model_dump() for k, v in PROFILES.items()}
+    path.write_text("# aiva configuration\n" + yaml.safe_dump(data, sort_keys=False))
+    return path
