@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import queue
 import socket
 import subprocess
@@ -104,7 +105,7 @@ def connect_unix(path: str, *, timeout: float = 10.0, alive: Callable[[], bool] 
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(path)
+            _connect(sock, path)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             return SocketTransport(sock)
         except OSError as exc:
@@ -117,6 +118,18 @@ def connect_unix(path: str, *, timeout: float = 10.0, alive: Callable[[], bool] 
             )
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def _connect(sock: socket.socket, path: str) -> None:
+    """Connect even when ``path`` is longer than a Unix socket address may be."""
+    if len(path.encode()) < 100:
+        sock.connect(path)
+        return
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{dfd}/{os.path.basename(path)}")
+    finally:
+        os.close(dfd)
 
 
 @dataclass
@@ -211,9 +224,9 @@ class ProcessHandle:
 
     def wait(self, timeout: float | None = None) -> ExecResult:
         """Wait for the process to end; its output is what the agent kept for it."""
-        if self._chan is not None and self._done.wait(timeout):
-            if self._result is not None:
-                return self._result
+        finished = self._chan is not None and self._done.wait(timeout)
+        if finished and self._result is not None:
+            return self._result
         if self._chan is None or isinstance(self._error, AgentUnreachable):
             res = self.client.call("proc.wait", pid=self.pid,
                                    timeout=None if timeout is None else timeout)
@@ -400,9 +413,11 @@ class AgentClient:
             self._send(p.encode(K.EOF, ch.id, bytes([K.STDIN])))
             return
 
+        source: IO[bytes] | Iterable[bytes] = stdin  # type: ignore[assignment]
+
         def pump() -> None:
             try:
-                for chunk in _chunks(stdin):
+                for chunk in _chunks(source):
                     self._send(p.encode(K.STDIN, ch.id, chunk))
                 self._send(p.encode(K.EOF, ch.id, bytes([K.STDIN])))
             except Exception:  # the command ended or the link dropped; the caller sees it
@@ -525,6 +540,6 @@ def _chunks(source: IO[bytes] | Iterable[bytes]) -> Iterator[bytes]:
                 return
             yield chunk
     else:
-        for chunk in source:  # type: ignore[union-attr]
+        for chunk in source:
             for i in range(0, len(chunk), p.CHUNK * 4):
                 yield chunk[i:i + p.CHUNK * 4]

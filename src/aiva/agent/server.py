@@ -694,7 +694,8 @@ def _find_proc(agent, req):
     # type: (Agent, dict) -> Proc
     proc = agent.procs.get(int(req.get("pid", -1)))
     if proc is None:
-        raise RequestError("ProcessLookupError", "no process %s known to the agent" % req.get("pid"))
+        raise RequestError("ProcessLookupError",
+                           "no process %s known to the agent" % req.get("pid"))
     return proc
 
 

@@ -1,0 +1,29 @@
+"""Engines that run sandboxes. One module per engine; each imports its SDK lazily, so a
+missing optional engine costs nothing until it is asked for."""
+
+from __future__ import annotations
+
+from aiva.backends.base import Backend
+from aiva.errors import BackendUnavailable, InvalidValue
+
+KNOWN = ("docker",)
+
+
+def make_backend(name: str) -> Backend:
+    if name == "docker":
+        from aiva.backends.docker import DockerBackend
+
+        return DockerBackend()
+    raise InvalidValue(f"unknown backend '{name}'", hint=f"use one of: {', '.join(KNOWN)}")
+
+
+def detect_backend() -> Backend:
+    """The best engine that answers here (microVM engines will rank first once they land)."""
+    for name in KNOWN:
+        backend = make_backend(name)
+        if backend.available():
+            return backend
+    raise BackendUnavailable(
+        "no sandbox engine is available",
+        hint="install and start Docker: `sudo apt-get install docker.io && sudo dockerd &`",
+    )

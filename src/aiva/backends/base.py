@@ -1,0 +1,78 @@
+"""The one interface every engine implements: lifecycle only.
+
+What runs *inside* a sandbox (exec, files, metrics) is not here: it goes through the
+in-sandbox agent, and a backend's only part in it is :meth:`Backend.connect_agent`, which
+returns a byte stream to that agent. So exec and file code is written once, for all
+engines.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from aiva.agent_client import Transport
+from aiva.models import SandboxInfo, State
+
+
+@dataclass
+class Observed:
+    """What the engine reports about a sandbox, to reconcile with the stored state."""
+
+    state: State | None  # None: the engine has no such sandbox any more
+    reason: str | None = None
+    exit_code: int | None = None
+
+
+@dataclass
+class LogLine:
+    ts: datetime
+    source: str  # "engine", "stdout", "stderr", "cmd", "exit"
+    text: str
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def available(self) -> bool:
+        """True when the engine is installed and answering (cheap; used for auto-pick)."""
+
+    @abstractmethod
+    def create(self, sb: SandboxInfo) -> dict[str, Any]:
+        """Make the sandbox's resources (not started); returns runtime facts to store."""
+
+    @abstractmethod
+    def start(self, sb: SandboxInfo) -> dict[str, Any]:
+        """Boot it and wait until its agent accepts connections."""
+
+    @abstractmethod
+    def stop(self, sb: SandboxInfo, *, force: bool = False, timeout: float = 10.0) -> None: ...
+
+    @abstractmethod
+    def pause(self, sb: SandboxInfo) -> None: ...
+
+    @abstractmethod
+    def resume(self, sb: SandboxInfo) -> None: ...
+
+    @abstractmethod
+    def delete(self, sb: SandboxInfo, *, volumes: bool = False) -> None:
+        """Remove everything the sandbox owns; its data volume only if ``volumes``."""
+
+    @abstractmethod
+    def observe(self, sb: SandboxInfo) -> Observed: ...
+
+    @abstractmethod
+    def connect_agent(self, sb: SandboxInfo, *, timeout: float = 10.0) -> Transport: ...
+
+    @abstractmethod
+    def engine_logs(self, sb: SandboxInfo, *, tail: int | None = None,
+                    follow: bool = False) -> Iterator[LogLine]:
+        """The engine's own log of the sandbox (container output, VM console)."""
+
+    def update_resources(self, sb: SandboxInfo) -> None:
+        """Apply changed cpus / memory / pids limits; engines that cannot, say so."""
+        raise NotImplementedError(f"the {self.name} backend cannot change limits live")

@@ -1,0 +1,339 @@
+"""Sandboxes as Docker containers, through the Docker SDK.
+
+Each sandbox is one container whose main process (under Docker's init) is the aiva agent,
+mounted read-only from ``AIVA_HOME/agent``; the agent listens on a Unix socket in a
+per-sandbox host directory bind-mounted into the container, so every aiva process talks
+to it directly with no ``docker exec`` (and no dockerd) on the path. A named volume,
+mounted at the sandbox's workdir, holds its data across stop/start.
+
+Everything aiva creates carries ``aiva.managed=true`` and ``aiva.sandbox_id``; aiva never
+touches a container or volume without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from aiva import images, paths
+from aiva.agent_client import Transport, connect_unix
+from aiva.backends.base import Backend, LogLine, Observed
+from aiva.config import aiva_home
+from aiva.errors import BackendError, BackendUnavailable, ImageError
+from aiva.models import SandboxInfo, State
+
+AGENT_IN_SANDBOX = "/.aiva/agent"
+RUN_IN_SANDBOX = "/.aiva/run"
+SOCKET_NAME = "agent.sock"
+
+_STATES = {
+    "running": State.RUNNING,
+    "paused": State.PAUSED,
+    "restarting": State.RUNNING,
+    "created": State.STOPPED,
+    "exited": State.STOPPED,
+    "dead": State.ERROR,
+    "removing": State.STOPPING,
+}
+
+
+def labels_for(sb: SandboxInfo) -> dict[str, str]:
+    return {
+        "aiva.managed": "true",
+        "aiva.sandbox_id": sb.id,
+        "aiva.name": sb.name,
+        "aiva.home": str(aiva_home()),
+    }
+
+
+class DockerBackend(Backend):
+    name = "docker"
+
+    def __init__(self) -> None:
+        self._client: Any = None
+
+    # ------------------------------------------------------------------ connection
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import docker
+
+            try:
+                client = docker.from_env(timeout=120)
+                client.ping()
+            except docker.errors.DockerException as exc:
+                raise self._unavailable(exc) from exc
+            self._client = client
+        return self._client
+
+    @staticmethod
+    def _unavailable(exc: Exception) -> BackendUnavailable:
+        if shutil.which("dockerd") is None and shutil.which("docker") is None:
+            return BackendUnavailable(
+                "Docker is not installed",
+                hint="install it: `sudo apt-get install docker.io`, then start it",
+            )
+        return BackendUnavailable(
+            f"the Docker engine is not running or not reachable ({_short(exc)})",
+            hint="start it: `sudo systemctl start docker` (or `sudo dockerd &`); "
+            "check DOCKER_HOST and that you may use /var/run/docker.sock",
+        )
+
+    def available(self) -> bool:
+        try:
+            self.client  # noqa: B018 - connects and pings
+        except BackendUnavailable:
+            return False
+        return True
+
+    def _container(self, sb: SandboxInfo) -> Any:
+        import docker
+
+        cid = sb.runtime.get("container_id")
+        if not cid:
+            return None
+        try:
+            c = self.client.containers.get(cid)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as exc:
+            raise BackendError(f"Docker failed to look up {sb.name}: {_short(exc)}") from exc
+        if c.labels.get("aiva.sandbox_id") != sb.id:
+            return None  # not ours: never touch it
+        return c
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def create(self, sb: SandboxInfo) -> dict[str, Any]:
+        import docker
+
+        spec = sb.spec
+        image = images.resolve_image(self.client, spec.image)
+        images.check_python(self.client, image)
+        labels = labels_for(sb) | {f"aiva.label.{k}": v for k, v in spec.labels.items()}
+        run = paths.run_dir(sb.id)
+        run.mkdir(parents=True, exist_ok=True)
+        volume_name = f"aiva-{sb.name}-{sb.short_id}"
+        try:
+            volume = self.client.volumes.create(name=volume_name, labels=labels_for(sb))
+            ports: dict[str, Any] = {}
+            for port in spec.ports:
+                key = f"{port.guest_port}/{port.protocol}"
+                binding = (port.host_ip, port.host_port) if port.host_port else (port.host_ip,)
+                ports.setdefault(key, []).append(binding)
+            container = self.client.containers.create(
+                image.id,
+                name=f"aiva-{sb.name}-{sb.short_id}",
+                hostname=sb.name[:63],
+                entrypoint=["python3", "-B", AGENT_IN_SANDBOX, "--listen",
+                            f"unix:{RUN_IN_SANDBOX}/{SOCKET_NAME}"],
+                command=[],
+                init=True,
+                labels=labels,
+                environment=spec.env,
+                working_dir=spec.workdir,
+                mounts=[
+                    docker.types.Mount(spec.workdir, volume.name, type="volume"),
+                    docker.types.Mount(RUN_IN_SANDBOX, str(run), type="bind"),
+                    docker.types.Mount(AGENT_IN_SANDBOX, str(paths.agent_bundle()),
+                                       type="bind", read_only=True),
+                ],
+                nano_cpus=int(min(spec.cpus, os.cpu_count() or 1) * 1e9),
+                mem_limit=spec.memory,
+                memswap_limit=spec.memory,
+                pids_limit=spec.pids_limit,
+                ports=ports,
+                stop_signal="SIGTERM",
+            )
+        except docker.errors.ImageNotFound as exc:
+            raise ImageError(f"image {spec.image} vanished: {_short(exc)}") from exc
+        except docker.errors.APIError as exc:
+            self._cleanup(sb, volumes=True)
+            raise BackendError(f"Docker could not create {sb.name}: {_short(exc)}") from exc
+        return {
+            "container_id": container.id,
+            "volume": volume.name,
+            "image_id": image.id,
+            "agent_socket": str(run / SOCKET_NAME),
+        }
+
+    def start(self, sb: SandboxInfo) -> dict[str, Any]:
+        import docker
+
+        c = self._require(sb)
+        sock = paths.run_dir(sb.id) / SOCKET_NAME
+        sock.unlink(missing_ok=True)  # a stale socket from the last run must not fool us
+        try:
+            c.start()
+        except docker.errors.APIError as exc:
+            raise BackendError(f"Docker could not start {sb.name}: {_short(exc)}") from exc
+        try:
+            self.connect_agent(sb, timeout=30).close()
+        except Exception:
+            logs = self._tail(c)
+            raise BackendError(
+                f"the agent in {sb.name} did not come up" + (f": {logs}" if logs else ""),
+                hint=f"see `aiva logs {sb.name}`",
+            ) from None
+        c.reload()
+        return {"started_at": c.attrs["State"]["StartedAt"], "ports": _ports(c)}
+
+    def stop(self, sb: SandboxInfo, *, force: bool = False, timeout: float = 10.0) -> None:
+        import docker
+
+        c = self._container(sb)
+        if c is None:
+            return
+        try:
+            if force:
+                if c.status in ("running", "paused"):
+                    c.kill()
+            else:
+                if c.status == "paused":
+                    c.unpause()
+                c.stop(timeout=int(timeout))
+            c.wait(timeout=timeout + 30)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if "is not running" in str(exc):
+                return
+            raise BackendError(f"Docker could not stop {sb.name}: {_short(exc)}") from exc
+
+    def pause(self, sb: SandboxInfo) -> None:
+        self._call(sb, "pause")
+
+    def resume(self, sb: SandboxInfo) -> None:
+        self._call(sb, "unpause")
+
+    def delete(self, sb: SandboxInfo, *, volumes: bool = False) -> None:
+        self._cleanup(sb, volumes=volumes)
+
+    def _cleanup(self, sb: SandboxInfo, *, volumes: bool) -> None:
+        import docker
+
+        c = self._container(sb)
+        if c is not None:
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        if volumes:
+            try:
+                vol = self.client.volumes.get(sb.runtime.get("volume") or "-")
+                if vol.attrs.get("Labels", {}).get("aiva.sandbox_id") == sb.id:
+                    vol.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        shutil.rmtree(paths.run_dir(sb.id), ignore_errors=True)
+
+    def observe(self, sb: SandboxInfo) -> Observed:
+        c = self._container(sb)
+        if c is None:
+            return Observed(None, "the container was removed outside aiva")
+        st = c.attrs["State"]
+        state = _STATES.get(st["Status"], State.ERROR)
+        reason = None
+        code = st.get("ExitCode")
+        if st["Status"] in ("exited", "dead"):
+            reason = f"the container exited with code {code}"
+            if st.get("OOMKilled"):
+                reason += " (out of memory)"
+            if st.get("Error"):
+                reason += f": {st['Error']}"
+        return Observed(state, reason, code)
+
+    def connect_agent(self, sb: SandboxInfo, *, timeout: float = 10.0) -> Transport:
+        path = str(paths.run_dir(sb.id) / SOCKET_NAME)
+        if timeout <= 5:
+            return connect_unix(path, timeout=timeout)
+        c = self._container(sb)
+
+        def alive() -> bool:
+            if c is None:
+                return False
+            c.reload()
+            return bool(c.status == "running")
+
+        return connect_unix(path, timeout=timeout, alive=alive)
+
+    def engine_logs(self, sb: SandboxInfo, *, tail: int | None = None,
+                    follow: bool = False) -> Iterator[LogLine]:
+        c = self._container(sb)
+        if c is None:
+            return
+        stream = c.logs(stream=True, follow=follow, timestamps=True, tail=tail or "all")
+        pending = b""
+        for chunk in stream:
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield _parse_log(line)
+        if pending:
+            yield _parse_log(pending)
+
+    def update_resources(self, sb: SandboxInfo) -> None:
+        import docker
+
+        c = self._require(sb)
+        spec = sb.spec
+        try:
+            c.update(nano_cpus=int(min(spec.cpus, os.cpu_count() or 1) * 1e9),
+                     mem_limit=spec.memory, memswap_limit=spec.memory,
+                     pids_limit=spec.pids_limit)
+        except docker.errors.APIError as exc:
+            raise BackendError(f"Docker could not update {sb.name}: {_short(exc)}") from exc
+
+    # ------------------------------------------------------------------ helpers
+
+    def _require(self, sb: SandboxInfo) -> Any:
+        c = self._container(sb)
+        if c is None:
+            raise BackendError(
+                f"the container of {sb.name} is gone (removed outside aiva)",
+                hint=f"remove the record with `aiva rm {sb.name}` and create it again",
+            )
+        return c
+
+    def _call(self, sb: SandboxInfo, method: str) -> None:
+        import docker
+
+        try:
+            getattr(self._require(sb), method)()
+        except docker.errors.APIError as exc:
+            raise BackendError(f"Docker could not {method} {sb.name}: {_short(exc)}") from exc
+
+    def _tail(self, c: Any) -> str:
+        try:
+            text = c.logs(tail=5).decode(errors="replace").strip()
+        except Exception:
+            return ""
+        return " | ".join(text.splitlines()[-5:])
+
+
+def _short(exc: Exception) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc).strip()
+
+
+def _ports(c: Any) -> list[str]:
+    out = []
+    for key, binds in (c.attrs["NetworkSettings"].get("Ports") or {}).items():
+        for b in binds or []:
+            out.append(f"{b['HostIp']}:{b['HostPort']}->{key}")
+    return out
+
+
+def _parse_log(line: bytes) -> LogLine:
+    text = line.decode("utf-8", "replace")
+    stamp, _, rest = text.partition(" ")
+    try:
+        head, _, frac = stamp.rstrip("Z").partition(".")
+        ts = datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}").replace(tzinfo=UTC)
+    except ValueError:
+        return LogLine(datetime.now(UTC), "engine", text)
+    return LogLine(ts, "engine", rest)

@@ -1,0 +1,1 @@
+"""The ``aiva`` command line."""

@@ -1,0 +1,340 @@
+"""``aiva``: the command line, a thin layer over the engine.
+
+Every user mistake arrives here as an :class:`AivaError` and leaves as one line (plus a
+hint) on stderr with a non-zero exit, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from aiva.cli import output
+from aiva.errors import AivaError, InvalidValue
+
+app = typer.Typer(
+    name="aiva",
+    help="Isolated machines for AI agents and MCP servers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+image_app = typer.Typer(help="Build and list sandbox images (no registry needed).",
+                        no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+Format = Annotated[output.Fmt, typer.Option("--format", "-o", help="table, json or yaml")]
+
+
+def _engine() -> Any:
+    from aiva.engine import default_engine
+
+    return default_engine()
+
+
+def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidValue(f"'{pair}' is not {what} KEY=VALUE")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------- lifecycle
+
+
+CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPU cores (fractions allowed)")]
+MemOpt = Annotated[str | None, typer.Option("--memory", "-m", help="e.g. 512MB, 2GB")]
+DiskOpt = Annotated[str | None, typer.Option("--disk", help="e.g. 20GB")]
+PortOpt = Annotated[list[str] | None, typer.Option(
+    "--port", "-p", help="[IP:]HOST:GUEST[/udp]; binds 127.0.0.1 unless an IP is given")]
+ImageOpt = Annotated[str | None, typer.Option("--image", help="template or any local image")]
+TemplateOpt = Annotated[str | None, typer.Option("--template", "-t", help="minimal or python")]
+ProfileOpt = Annotated[str | None, typer.Option(
+    "--profile", help="minimal, standard or performance")]
+EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")]
+LabelOpt = Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="docker (default: auto)")]
+
+
+def _spec(**kw: Any) -> Any:
+    env = _kv(kw.pop("env"), "an env")
+    labels = _kv(kw.pop("label"), "a label")
+    return _engine().build_spec(env=env, labels=labels, **kw)
+
+
+@app.command()
+def init(
+    name: str,
+    template: TemplateOpt = None,
+    image: ImageOpt = None,
+    cpus: CpusOpt = None,
+    memory: MemOpt = None,
+    disk: DiskOpt = None,
+    port: PortOpt = None,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    label: LabelOpt = None,
+    backend: BackendOpt = None,
+) -> None:
+    """Create a sandbox without starting it."""
+    spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
+                 ports=port, profile=profile, env=env, label=label, backend=backend)
+    sb = _engine().create(name, spec, start=False)
+    output.ok(f"created {sb.name} ({sb.spec.image}); start it with `aiva start {sb.name}`")
+
+
+@app.command()
+def start(
+    name: str,
+    template: TemplateOpt = None,
+    image: ImageOpt = None,
+    cpus: CpusOpt = None,
+    memory: MemOpt = None,
+    disk: DiskOpt = None,
+    port: PortOpt = None,
+    profile: ProfileOpt = None,
+    env: EnvOpt = None,
+    label: LabelOpt = None,
+    backend: BackendOpt = None,
+) -> None:
+    """Start a sandbox, creating it first if there is none by that name."""
+    engine = _engine()
+    given = [template, image, cpus, memory, disk, port, profile, env, label, backend]
+    if engine.exists(name):
+        if any(v for v in given):
+            raise InvalidValue(
+                f"sandbox '{name}' already exists; creation options do not apply to it",
+                hint=f"change limits with `aiva config {name} set KEY VALUE`, "
+                "or pick a new name",
+            )
+        sb = engine.start(name)
+    else:
+        spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
+                     ports=port, profile=profile, env=env, label=label, backend=backend)
+        with output.status(f"starting {name} ..."):
+            sb = engine.create(name, spec)
+    ports = ", ".join(sb.runtime.get("ports") or [])
+    output.ok(f"{sb.name} is running" + (f" (ports {ports})" if ports else ""))
+
+
+@app.command()
+def stop(
+    name: str,
+    force: Annotated[bool, typer.Option("--force", "-f", help="kill at once")] = False,
+) -> None:
+    """Stop a sandbox (gracefully, or at once with --force). Its data is kept."""
+    _engine().stop(name, force=force)
+    output.ok(f"{name} stopped")
+
+
+@app.command()
+def pause(name: str) -> None:
+    """Freeze every process in a sandbox."""
+    _engine().pause(name)
+    output.ok(f"{name} paused")
+
+
+@app.command()
+def resume(name: str) -> None:
+    """Thaw a paused sandbox."""
+    _engine().resume(name)
+    output.ok(f"{name} resumed")
+
+
+@app.command()
+def rm(
+    name: str,
+    volumes: Annotated[bool, typer.Option("--volumes", "-v", help="also its data volume")] = False,
+) -> None:
+    """Remove a sandbox (stopping it). Its data volume stays unless --volumes."""
+    _engine().delete(name, volumes=volumes)
+    output.ok(f"{name} removed" + ("" if volumes else " (data volume kept; --volumes removes it)"))
+
+
+@app.command()
+def status(name: Annotated[str | None, typer.Argument()] = None,
+           fmt: Format = output.Fmt.table) -> None:
+    """Show one sandbox in detail, or all of them."""
+    engine = _engine()
+    if name is None:
+        output.sandboxes(engine.list_all(), fmt)
+    else:
+        output.sandbox(engine.status(name), fmt)
+
+
+@app.command(name="ls")
+def ls_(fmt: Format = output.Fmt.table) -> None:
+    """List sandboxes."""
+    output.sandboxes(_engine().list_all(), fmt)
+
+
+# ---------------------------------------------------------------------- inside
+
+
+@app.command(name="exec", context_settings={"allow_interspersed_args": False})
+def exec_(
+    name: str,
+    command: Annotated[list[str], typer.Argument(help="the command and its arguments")],
+    env: EnvOpt = None,
+    cwd: Annotated[str | None, typer.Option("--cwd", "-w")] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="seconds")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i",
+                                              help="send stdin to the command")] = False,
+) -> None:
+    """Run a command in a sandbox: aiva exec NAME -- CMD ARGS... (exits with its code)."""
+    engine = _engine()
+    argv = command[1:] if command and command[0] == "--" else command
+    if not argv:
+        raise InvalidValue("no command given", hint="aiva exec NAME -- CMD ARGS...")
+
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def err(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    res = engine.exec(name, argv, env=_kv(env, "an env"), cwd=cwd, user=user, timeout=timeout,
+                      stdin=sys.stdin.buffer if interactive else None,
+                      on_stdout=out, on_stderr=err)
+    if res.timed_out:
+        output.error(f"the command timed out after {timeout}s; its process group was killed")
+        raise typer.Exit(124)
+    code = res.exit_code
+    raise typer.Exit(code if code >= 0 else 128 - code)
+
+
+def _split_target(text: str) -> tuple[str | None, str]:
+    head, sep, rest = text.partition(":")
+    if sep and head and "/" not in head:
+        return head, rest
+    return None, text
+
+
+@app.command()
+def cp(src: str, dst: str) -> None:
+    """Copy files in or out: aiva cp ./local NAME:/path  |  aiva cp NAME:/path ./local."""
+    engine = _engine()
+    s_name, s_path = _split_target(src)
+    d_name, d_path = _split_target(dst)
+    if (s_name is None) == (d_name is None):
+        raise InvalidValue("exactly one side of cp must be NAME:PATH",
+                           hint="aiva cp ./file box:/workspace/ or aiva cp box:/etc/hosts .")
+    if d_name is not None:
+        n = engine.copy_in(d_name, s_path, d_path)
+    else:
+        assert s_name is not None
+        n = engine.copy_out(s_name, s_path, d_path)
+    output.ok(f"copied {output.size(n)}")
+
+
+@app.command()
+def data(
+    name: str,
+    operation: Annotated[str, typer.Argument(help="sync, push or pull")],
+    first: Annotated[str, typer.Argument(help="LOCAL (sync, push) or REMOTE (pull)")],
+    second: Annotated[str, typer.Argument(help="REMOTE (sync, push) or LOCAL (pull)")],
+    delete: Annotated[bool, typer.Option("--delete", help="propagate deletions")] = False,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="gitignore pattern")
+                       ] = None,
+    prefer: Annotated[str | None, typer.Option(
+        "--prefer", help="resolve conflicts: local, remote or newer")] = None,
+    fmt: Format = output.Fmt.table,
+) -> None:
+    """Sync a directory with a sandbox: only changed files cross."""
+    if operation not in ("sync", "push", "pull"):
+        raise InvalidValue(f"unknown data operation '{operation}'", hint="use sync, push or pull")
+    local, remote = (second, first) if operation == "pull" else (first, second)
+    direction = "both" if operation == "sync" else operation
+    with output.transfer_progress() as progress:
+        report = _engine().sync(name, local, remote, direction=direction, delete=delete,
+                                exclude=exclude, prefer=prefer, progress=progress)
+    output.sync_report(report, fmt)
+
+
+@app.command()
+def logs(
+    name: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    tail: Annotated[int | None, typer.Option("--tail", "-n")] = None,
+) -> None:
+    """Command output and the engine's log, ordered by time."""
+    engine = _engine()
+    for line in engine.logs(name, tail=tail):
+        output.log_line(line)
+    if follow:
+        for line in engine.follow_logs(name):
+            output.log_line(line)
+
+
+@app.command()
+def config(
+    name: str,
+    action: Annotated[str, typer.Argument(help="get or set")],
+    key: str,
+    value: Annotated[str | None, typer.Argument()] = None,
+) -> None:
+    """Read or change one setting of a sandbox (cpus, memory, env.NAME, labels.NAME ...)."""
+    engine = _engine()
+    if action == "get":
+        output.value(engine.get_setting(name, key))
+    elif action == "set":
+        if value is None:
+            raise InvalidValue("set needs a value", hint=f"aiva config {name} set {key} VALUE")
+        engine.set_setting(name, key, value)
+        output.ok(f"{name}: {key} = {value}")
+    else:
+        raise InvalidValue(f"unknown config action '{action}'", hint="use get or set")
+
+
+# ---------------------------------------------------------------------- images
+
+
+@image_app.command("ls")
+def image_ls(fmt: Format = output.Fmt.table) -> None:
+    """Images aiva built."""
+    from aiva import images
+
+    output.image_table(images.list_images(_engine().backend("docker").client), fmt)
+
+
+@image_app.command("build")
+def image_build(
+    template: Annotated[str, typer.Argument(help="minimal or python")],
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
+) -> None:
+    """Build an image from Debian packages (mmdebstrap, then docker import)."""
+    from aiva import images
+
+    client = _engine().backend("docker").client
+    with output.status(f"building {template} ...") as st:
+        info = images.build_image(template, client=client, force=force,
+                                  progress=lambda msg: st.update(f"{template}: {msg}"))
+    output.ok(f"built {info.tag} ({output.size(info.size)})")
+
+
+# ---------------------------------------------------------------------- entry
+
+
+def run() -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        app()
+    except AivaError as exc:
+        output.error(exc.message, exc.hint)
+        sys.exit(2 if isinstance(exc, InvalidValue) else 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()
+

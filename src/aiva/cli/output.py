@@ -1,0 +1,168 @@
+"""How the CLI shows things: tables for people, JSON/YAML for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.status import Status
+from rich.table import Table
+
+from aiva.backends.base import LogLine
+from aiva.config import format_size
+from aiva.models import SandboxInfo
+
+console = Console()
+err_console = Console(stderr=True)
+
+_STATE_STYLE = {"running": "green", "paused": "yellow", "stopped": "dim", "error": "red",
+                "creating": "cyan", "stopping": "cyan"}
+
+
+class Fmt(StrEnum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
+def ok(msg: str) -> None:
+    err_console.print(f"[green]✓[/] {msg}", highlight=False)
+
+
+def error(msg: str, hint: str | None = None) -> None:
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    if hint:
+        err_console.print(f"[dim]hint:[/] {hint}", highlight=False)
+
+
+def size(n: int) -> str:
+    return format_size(n)
+
+
+def value(v: Any) -> None:
+    if isinstance(v, dict | list):
+        print(json.dumps(v, indent=2))
+    else:
+        print("" if v is None else v)
+
+
+def _dump(data: Any, fmt: Fmt) -> None:
+    if fmt == Fmt.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+
+
+def _record(sb: SandboxInfo) -> dict[str, Any]:
+    return sb.model_dump(mode="json")
+
+
+def sandboxes(boxes: list[SandboxInfo], fmt: Fmt) -> None:
+    if fmt != Fmt.table:
+        _dump([_record(sb) for sb in boxes], fmt)
+        return
+    if not boxes:
+        err_console.print("no sandboxes; create one with `aiva start NAME`")
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "STATE", "BACKEND", "IMAGE", "CPUS", "MEMORY", "PORTS", "CREATED"):
+        table.add_column(col)
+    for sb in boxes:
+        style = _STATE_STYLE.get(sb.state.value, "")
+        state = sb.state.value + (f" ({sb.error})" if sb.error else "")
+        table.add_row(sb.name, f"[{style}]{state}[/]", sb.spec.backend, sb.spec.image,
+                      f"{sb.spec.cpus:g}", format_size(sb.spec.memory),
+                      ", ".join(sb.runtime.get("ports") or []) or "-",
+                      sb.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+def sandbox(sb: SandboxInfo, fmt: Fmt) -> None:
+    if fmt != Fmt.table:
+        _dump(_record(sb), fmt)
+        return
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    style = _STATE_STYLE.get(sb.state.value, "")
+    rows = [
+        ("name", sb.name), ("id", sb.id), ("state", f"[{style}]{sb.state.value}[/]"),
+        ("error", sb.error or "-"), ("backend", sb.spec.backend), ("image", sb.spec.image),
+        ("profile", sb.spec.profile), ("cpus", f"{sb.spec.cpus:g}"),
+        ("memory", format_size(sb.spec.memory)),
+        ("disk", format_size(sb.spec.disk) + " (not enforced by docker)"
+         if sb.spec.backend == "docker" else format_size(sb.spec.disk)),
+        ("workdir", sb.spec.workdir),
+        ("ports", ", ".join(sb.runtime.get("ports") or []) or "-"),
+        ("env", ", ".join(f"{k}={v}" for k, v in sb.spec.env.items()) or "-"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sb.spec.labels.items()) or "-"),
+        ("created", sb.created_at.isoformat(timespec="seconds")),
+        ("updated", sb.updated_at.isoformat(timespec="seconds")),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def image_table(items: list[Any], fmt: Fmt) -> None:
+    if fmt != Fmt.table:
+        _dump([{"tag": i.tag, "id": i.id, "size": i.size, "template": i.template,
+                "created": str(i.created)} for i in items], fmt)
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("TAG", "ID", "TEMPLATE", "SIZE", "CREATED"):
+        table.add_column(col)
+    for i in items:
+        table.add_row(i.tag, i.id, i.template or "-", format_size(i.size), str(i.created)[:19])
+    console.print(table)
+
+
+def sync_report(report: Any, fmt: Fmt) -> None:
+    if fmt != Fmt.table:
+        _dump(report.to_dict(), fmt)
+        return
+    err_console.print(report.summary(), highlight=False)
+    for path in report.conflicts:
+        err_console.print(f"[yellow]conflict:[/] {path} changed on both sides; kept both "
+                          "(use --prefer local|remote|newer)", highlight=False)
+
+
+def log_line(line: LogLine) -> None:
+    stream = sys.stderr if line.source == "stderr" else sys.stdout
+    stamp = line.ts.strftime("%H:%M:%S.%f")[:-3]
+    if line.source == "cmd":
+        text = f"{stamp} $ {line.text}\n"
+    elif line.source == "exit":
+        text = f"{stamp} exit {line.text}\n"
+    elif line.source == "engine":
+        text = f"{stamp} [engine] {line.text}\n"
+    else:
+        text = f"{stamp} {line.text}" + ("" if line.text.endswith("\n") else "\n")
+    stream.write(text)
+    stream.flush()
+
+
+@contextmanager
+def status(text: str) -> Iterator[Status]:
+    with err_console.status(text) as st:
+        yield st
+
+
+@contextmanager
+def transfer_progress() -> Iterator[Callable[[str, int, int], None]]:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), console=err_console, transient=True)
+    task = progress.add_task("sync", total=None)
+
+    def update(phase: str, done: int, total: int) -> None:
+        progress.update(task, description=phase, completed=done, total=total or None)
+
+    with progress:
+        yield update

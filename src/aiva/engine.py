@@ -1,0 +1,494 @@
+"""The in-process engine: the one place that joins state, backends and agents.
+
+A request flows CLI -> SDK -> Engine -> (state machine check, Store) -> Backend for
+lifecycle, or -> AgentClient for anything inside the sandbox. The daemon will serve this
+same interface over HTTP, and its client will implement it, so the SDK and CLI work with
+either.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from aiva import paths, sync
+from aiva.agent.protocol import FrameKind
+from aiva.agent_client import AgentClient, ExecResult, OutputCallback, ProcessHandle, StdinSource
+from aiva.backends import detect_backend, make_backend
+from aiva.backends.base import Backend, LogLine
+from aiva.config import Config, aiva_home, load_config, parse_size
+from aiva.errors import AivaError, InvalidValue, SandboxNotFound
+from aiva.logs import CommandLog, follow_command_log, merge, read_command_log
+from aiva.models import (
+    PortSpec,
+    SandboxInfo,
+    SandboxSpec,
+    State,
+    check_action,
+    check_name,
+)
+from aiva.store import Store
+
+_STREAM = {FrameKind.STDOUT: "stdout", FrameKind.STDERR: "stderr"}
+
+#: Keys `aiva config NAME set` may change on an existing sandbox, and how they apply.
+LIVE_KEYS = {"cpus", "memory", "pids_limit"}
+SPEC_KEYS = {"cpus", "memory", "disk", "pids_limit", "image", "template", "profile", "ports",
+             "workdir", "backend"}
+
+
+class Engine:
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or load_config()
+        self.store = Store(paths.state_db())
+        self._backends: dict[str, Backend] = {}
+        self._agents: dict[str, AgentClient] = {}
+        self._cmdlogs: dict[str, CommandLog] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ backends
+
+    def backend(self, name: str | None = None) -> Backend:
+        name = name or self.config.defaults.backend
+        with self._lock:
+            if name == "auto":
+                if "auto" not in self._backends:
+                    chosen = detect_backend()
+                    self._backends["auto"] = self._backends.setdefault(chosen.name, chosen)
+                return self._backends["auto"]
+            if name not in self._backends:
+                self._backends[name] = make_backend(name)
+            return self._backends[name]
+
+    def _backend_of(self, sb: SandboxInfo) -> Backend:
+        return self.backend(sb.spec.backend)
+
+    # ------------------------------------------------------------------ spec
+
+    def build_spec(
+        self,
+        *,
+        image: str | None = None,
+        template: str | None = None,
+        profile: str | None = None,
+        cpus: float | None = None,
+        memory: str | int | None = None,
+        disk: str | int | None = None,
+        env: dict[str, str] | None = None,
+        ports: list[str] | list[PortSpec] | None = None,
+        labels: dict[str, str] | None = None,
+        backend: str | None = None,
+    ) -> SandboxSpec:
+        """Fill a spec from the arguments, then the config defaults, then the profile."""
+        d = self.config.defaults
+        prof = self.config.profile(profile)
+        cpus = cpus if cpus is not None else (d.cpus if d.cpus is not None else prof.cpus)
+        if cpus <= 0:
+            raise InvalidValue(f"cpus must be positive, not {cpus}")
+        bind = self.config.networking.default_bind
+        return SandboxSpec(
+            backend=backend or (d.backend if d.backend != "auto" else self.backend().name),
+            image=image or template or d.image,
+            template=template,
+            profile=profile or d.profile,
+            cpus=cpus,
+            memory=parse_size(memory or d.memory or prof.memory),
+            disk=parse_size(disk or d.disk or prof.disk),
+            pids_limit=d.pids_limit,
+            env=dict(env or {}),
+            ports=[p if isinstance(p, PortSpec) else PortSpec.parse(p, bind) for p in ports or []],
+            labels=dict(labels or {}),
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def create(self, name: str, spec: SandboxSpec, *, start: bool = True) -> SandboxInfo:
+        sb = self.store.add(SandboxInfo(name=check_name(name), spec=spec))
+        backend = self._backend_of(sb)
+        try:
+            runtime = backend.create(sb)
+        except BaseException:
+            self.store.remove(sb.id)
+            raise
+        sb = self.store.update(name, runtime=runtime)
+        self.store.record("created", sb, image=spec.image, backend=backend.name)
+        if not start:
+            return self.store.transition(name, State.STOPPED)
+        return self._boot(sb)
+
+    def start(self, name: str) -> SandboxInfo:
+        sb = self.reconcile(self.get(name))
+        check_action(name, sb.state, "start")
+        return self._boot(sb)
+
+    def _boot(self, sb: SandboxInfo) -> SandboxInfo:
+        try:
+            runtime = self._backend_of(sb).start(sb)
+        except AivaError as exc:
+            self.store.transition(sb.name, State.ERROR, error=str(exc))
+            self.store.record("error", sb, action="start", message=str(exc))
+            raise
+        sb = self.store.transition(sb.name, State.RUNNING, runtime=runtime, action="start")
+        self.store.record("started", sb)
+        return sb
+
+    def stop(self, name: str, *, force: bool = False) -> SandboxInfo:
+        sb = self.get(name)
+        check_action(name, sb.state, "stop")
+        self._drop_agent(sb)
+        sb = self.store.transition(name, State.STOPPING, action="stop")
+        try:
+            self._backend_of(sb).stop(sb, force=force, timeout=self.config.defaults.stop_timeout)
+        except AivaError as exc:
+            self.store.transition(name, State.ERROR, error=str(exc))
+            raise
+        sb = self.store.transition(name, State.STOPPED)
+        self.store.record("stopped", sb, force=force)
+        return sb
+
+    def pause(self, name: str) -> SandboxInfo:
+        sb = self.get(name)
+        check_action(name, sb.state, "pause")
+        self._backend_of(sb).pause(sb)
+        sb = self.store.transition(name, State.PAUSED, action="pause")
+        self.store.record("paused", sb)
+        return sb
+
+    def resume(self, name: str) -> SandboxInfo:
+        sb = self.get(name)
+        check_action(name, sb.state, "resume")
+        self._backend_of(sb).resume(sb)
+        sb = self.store.transition(name, State.RUNNING, action="resume")
+        self.store.record("resumed", sb)
+        return sb
+
+    def delete(self, name: str, *, volumes: bool = False) -> None:
+        sb = self.get(name)
+        self._drop_agent(sb)
+        self._backend_of(sb).delete(sb, volumes=volumes)
+        self.store.remove(sb.id)
+        self.store.record("deleted", sb, volumes=volumes)
+        log = self._cmdlogs.pop(sb.id, None)
+        if log is not None:
+            log.close()
+        shutil.rmtree(paths.logs_dir(sb.id), ignore_errors=True)
+        shutil.rmtree(aiva_home() / "sync" / sb.id, ignore_errors=True)
+
+    def get(self, name: str) -> SandboxInfo:
+        return self.store.get(name)
+
+    def exists(self, name: str) -> bool:
+        return self.store.find(name) is not None
+
+    def list_all(self, *, reconcile: bool = True) -> list[SandboxInfo]:
+        boxes = self.store.all()
+        return [self.reconcile(sb) for sb in boxes] if reconcile else boxes
+
+    def status(self, name: str) -> SandboxInfo:
+        return self.reconcile(self.get(name))
+
+    def reconcile(self, sb: SandboxInfo) -> SandboxInfo:
+        """Make the stored state agree with what the engine really runs."""
+        if sb.state == State.CREATING:
+            return sb
+        obs = self._backend_of(sb).observe(sb)
+        if obs.state == sb.state or (obs.state == State.STOPPED and sb.state == State.ERROR):
+            return sb
+        self._drop_agent(sb)
+        error: str | None
+        if obs.state is None or obs.state == State.ERROR:
+            new, error = State.ERROR, obs.reason or "the engine lost it"
+        elif obs.state == State.STOPPED and sb.state in (State.RUNNING, State.PAUSED):
+            clean = obs.exit_code == 0
+            new, error = (State.STOPPED, None) if clean else (State.ERROR, obs.reason)
+        elif obs.state == State.STOPPED and sb.state == State.STOPPING:
+            new, error = State.STOPPED, None
+        else:
+            new, error = obs.state, None
+        try:
+            sb = self.store.transition(sb.name, new, error=error)
+        except (AivaError, SandboxNotFound):
+            return self.get(sb.name)
+        self.store.record("error" if new == State.ERROR else "reconciled", sb,
+                          state=new.value, reason=obs.reason)
+        return sb
+
+    # ------------------------------------------------------------------ agent
+
+    def agent(self, name: str) -> AgentClient:
+        sb = self.get(name)
+        check_action(name, sb.state, "use")
+        return self._agent(sb)
+
+    def _agent(self, sb: SandboxInfo) -> AgentClient:
+        with self._lock:
+            client = self._agents.get(sb.id)
+            if client is None or client.closed:
+                transport = self._backend_of(sb).connect_agent(sb, timeout=5)
+                client = AgentClient(transport, label=sb.name)
+                self._agents[sb.id] = client
+            return client
+
+    def _drop_agent(self, sb: SandboxInfo) -> None:
+        with self._lock:
+            client = self._agents.pop(sb.id, None)
+        if client is not None:
+            client.close()
+
+    def _cmdlog(self, sb: SandboxInfo) -> CommandLog:
+        with self._lock:
+            log = self._cmdlogs.get(sb.id)
+            if log is None:
+                log = self._cmdlogs[sb.id] = CommandLog(sb.id)
+            return log
+
+    def exec(
+        self,
+        name: str,
+        command: str | list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        stdin: StdinSource = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        background: bool = False,
+    ) -> ExecResult | ProcessHandle:
+        """Run a command in the sandbox; a string runs through ``/bin/sh -c``."""
+        sb = self.get(name)
+        check_action(name, sb.state, "use")
+        argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+        log = self._cmdlog(sb)
+        cmd_id = log.new_command()
+        log.write(cmd_id, "cmd", command if isinstance(command, str) else shlex.join(argv))
+
+        def on_bytes(kind: int, data: bytes) -> None:
+            log.write(cmd_id, _STREAM[kind], data.decode("utf-8", "replace"))
+
+        result = self._agent(sb).exec(
+            argv,
+            env=(sb.spec.env | env) if env else sb.spec.env or None,
+            cwd=cwd or sb.spec.workdir,
+            cwd_default=cwd is None,
+            user=user,
+            timeout=timeout,
+            stdin=stdin,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+            on_bytes=on_bytes,
+            background=background,
+        )
+        if isinstance(result, ExecResult):
+            log.write(cmd_id, "exit", str(result.exit_code))
+            self.store.record("command", sb, cmd=argv, exit_code=result.exit_code,
+                              duration=round(result.duration, 6), timed_out=result.timed_out)
+        else:
+            self.store.record("command", sb, cmd=argv, background=True, pid=result.pid)
+        return result
+
+    # files: thin, checked wrappers, so a remote engine can offer the same calls
+
+    def read_file(self, name: str, path: str) -> bytes:
+        return self.agent(name).read_file(path)
+
+    def read_stream(self, name: str, path: str) -> tuple[dict[str, Any], Iterator[bytes]]:
+        return self.agent(name).read_stream(path)
+
+    def write_file(self, name: str, path: str, data: bytes | str | IO[bytes], *,
+                   mode: int | None = None) -> int:
+        return self.agent(name).write_file(path, data, mode=mode)
+
+    def list_dir(self, name: str, path: str) -> list[dict[str, Any]]:
+        return self.agent(name).list_dir(path)
+
+    def stat(self, name: str, path: str) -> dict[str, Any]:
+        return self.agent(name).stat(path)
+
+    def mkdir(self, name: str, path: str) -> None:
+        self.agent(name).mkdir(path)
+
+    def remove(self, name: str, path: str, *, recursive: bool = False) -> None:
+        self.agent(name).remove(path, recursive=recursive)
+
+    def rename(self, name: str, src: str, dst: str) -> None:
+        self.agent(name).rename(src, dst)
+
+    def metrics(self, name: str) -> dict[str, Any]:
+        return self.agent(name).metrics()
+
+    # ------------------------------------------------------------------ data
+
+    def sync(
+        self,
+        name: str,
+        local: str | Path,
+        remote: str,
+        *,
+        direction: str = "both",
+        delete: bool = False,
+        exclude: list[str] | None = None,
+        prefer: str | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> sync.SyncReport:
+        sb = self.get(name)
+        client = self.agent(name)
+        remote = self._abspath(sb, remote)
+        report = sync.sync(
+            client, Path(local), remote, direction=direction,  # type: ignore[arg-type]
+            delete=delete, exclude=list(exclude or []), prefer=prefer,  # type: ignore[arg-type]
+            state_file=paths.sync_state(sb.id, Path(local), remote), progress=progress,
+        )
+        self.store.record("files_synced", sb, local=str(local), remote=remote,
+                          direction=direction, **_counts(report))
+        return report
+
+    def copy_in(self, name: str, local: str | Path, remote: str) -> int:
+        """``aiva cp LOCAL NAME:REMOTE``: a file, or a directory copied recursively."""
+        src = Path(local)
+        sb = self.get(name)
+        remote = self._abspath(sb, remote)
+        if src.is_dir():
+            report = self.sync(name, src, remote, direction="push")
+            return report.bytes_sent
+        if not src.exists():
+            raise InvalidValue(f"{src} does not exist")
+        client = self.agent(name)
+        try:
+            if client.stat(remote)["type"] == "dir":
+                remote = f"{remote.rstrip('/')}/{src.name}"
+        except FileNotFoundError:
+            pass
+        with src.open("rb") as f:
+            n = client.write_file(remote, f, mode=src.stat().st_mode & 0o7777,
+                                  mtime_ns=src.stat().st_mtime_ns)
+        self.store.record("files_synced", sb, local=str(src), remote=remote, direction="push",
+                          bytes=n, files=1)
+        return n
+
+    def copy_out(self, name: str, remote: str, local: str | Path) -> int:
+        sb = self.get(name)
+        remote = self._abspath(sb, remote)
+        client = self.agent(name)
+        dest = Path(local)
+        if client.stat(remote)["type"] == "dir":
+            report = self.sync(name, dest, remote, direction="pull")
+            return report.bytes_received
+        if dest.is_dir():
+            dest = dest / Path(remote).name
+        meta, chunks = client.read_stream(remote)
+        tmp = dest.with_name(f".{dest.name}.aiva-tmp")
+        n = 0
+        with tmp.open("wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                n += len(chunk)
+        tmp.chmod(int(meta["mode"]))
+        tmp.replace(dest)
+        self.store.record("files_synced", sb, local=str(dest), remote=remote, direction="pull",
+                          bytes=n, files=1)
+        return n
+
+    @staticmethod
+    def _abspath(sb: SandboxInfo, remote: str) -> str:
+        return remote if remote.startswith("/") else f"{sb.spec.workdir}/{remote}"
+
+    # ------------------------------------------------------------------ logs & config
+
+    def logs(self, name: str, *, tail: int | None = None) -> list[LogLine]:
+        sb = self.get(name)
+        engine_lines = list(self._backend_of(sb).engine_logs(sb, tail=tail))
+        return merge(engine_lines, read_command_log(sb.id, tail=tail), tail=tail)
+
+    def follow_logs(self, name: str) -> Iterator[LogLine]:
+        """New command output and engine log lines as they come (until the caller stops)."""
+        import queue
+
+        sb = self.get(name)
+        q: queue.SimpleQueue[LogLine] = queue.SimpleQueue()
+
+        def pump(it: Iterator[LogLine]) -> None:
+            for line in it:
+                q.put(line)
+
+        backend = self._backend_of(sb)
+        for it in (follow_command_log(sb.id), backend.engine_logs(sb, tail=0, follow=True)):
+            threading.Thread(target=pump, args=(it,), daemon=True).start()
+        while True:
+            yield q.get()
+
+    def get_setting(self, name: str, key: str) -> Any:
+        sb = self.get(name)
+        data = sb.spec.model_dump(mode="json")
+        head, _, sub = key.partition(".")
+        if head in ("env", "labels") and sub:
+            return data[head].get(sub)
+        if head not in data:
+            raise InvalidValue(f"unknown key '{key}'",
+                               hint=f"keys: {', '.join(sorted(data))}, env.NAME, labels.NAME")
+        return data[head]
+
+    def set_setting(self, name: str, key: str, value: str) -> SandboxInfo:
+        """Change one key; limits apply live, env applies to the next command."""
+        sb = self.get(name)
+        spec = sb.spec.model_copy(deep=True)
+        head, _, sub = key.partition(".")
+        if head in ("env", "labels") and sub:
+            getattr(spec, head)[sub] = value
+        elif head == "cpus":
+            spec.cpus = float(value)
+        elif head == "memory":
+            spec.memory = parse_size(value)
+        elif head == "pids_limit":
+            spec.pids_limit = int(value)
+        elif head in SPEC_KEYS:
+            raise InvalidValue(
+                f"'{key}' cannot change on an existing sandbox",
+                hint="create a new sandbox with the value you want",
+            )
+        else:
+            raise InvalidValue(f"unknown key '{key}'",
+                               hint="settable: cpus, memory, pids_limit, env.NAME, labels.NAME")
+        sb = self.store.update(name, spec=spec)
+        if head in LIVE_KEYS:
+            self._backend_of(sb).update_resources(sb)
+        self.store.record("config_changed", sb, key=key, value=value)
+        return sb
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._agents.values():
+                client.close()
+            self._agents.clear()
+            for log in self._cmdlogs.values():
+                log.close()
+            self._cmdlogs.clear()
+        self.store.close()
+
+
+def _counts(report: sync.SyncReport) -> dict[str, Any]:
+    return {
+        "pushed": len(report.pushed),
+        "pulled": len(report.pulled),
+        "deleted": len(report.deleted_local) + len(report.deleted_remote),
+        "conflicts": len(report.conflicts),
+        "bytes": report.bytes_sent + report.bytes_received,
+    }
+
+
+_default: Engine | None = None
+_default_lock = threading.Lock()
+
+
+def default_engine() -> Engine:
+    """One engine per process, shared by every Sandbox object that is not given one."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Engine()
+        return _default

@@ -1,0 +1,57 @@
+"""Where aiva keeps things under ``AIVA_HOME``, in one place."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from aiva.config import aiva_home
+
+AGENT_FILES = ("__main__.py", "protocol.py", "server.py")
+
+
+def state_db() -> Path:
+    return aiva_home() / "state.db"
+
+
+def logs_dir(sandbox_id: str) -> Path:
+    return aiva_home() / "logs" / sandbox_id
+
+
+def run_dir(sandbox_id: str) -> Path:
+    """Per-sandbox sockets; short, because a Unix socket path must fit in 108 bytes."""
+    return aiva_home() / "run" / sandbox_id[:12]
+
+
+def cache_dir() -> Path:
+    return aiva_home() / "cache"
+
+
+def sync_state(sandbox_id: str, local: Path, remote: str) -> Path:
+    key = hashlib.sha256(f"{local.resolve()}\0{remote}".encode()).hexdigest()[:16]
+    return aiva_home() / "sync" / sandbox_id / f"{key}.json"
+
+
+def agent_bundle() -> Path:
+    """A copy of the in-sandbox agent under AIVA_HOME, named by its content hash.
+
+    Sandboxes mount or copy this directory; a new aiva version gets a new directory, so a
+    running sandbox never sees its agent change under it.
+    """
+    src = Path(__file__).parent / "agent"
+    digest = hashlib.sha256()
+    for name in AGENT_FILES:
+        digest.update((src / name).read_bytes())
+    dest = aiva_home() / "agent" / digest.hexdigest()[:12]
+    if not (dest / AGENT_FILES[-1]).exists():
+        tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name in AGENT_FILES:
+            shutil.copy2(src / name, tmp / name)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process won the race: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,439 @@
+"""Incremental sync between a local directory and a directory inside a sandbox.
+
+Only changed files cross: size + mtime decide first, sha256 (hashed on each side, the
+remote half in one batched agent request) breaks ties, so a touched-but-equal file costs
+a hash, not a transfer. Two-way sync compares each side with the state of the last sync
+(a JSON file), which is what tells "changed here" from "changed there" and a deletion
+from a new file. Nothing is ever deleted unless ``delete=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import pathspec
+
+from aiva.agent_client import AgentClient
+from aiva.errors import AivaError, SandboxFileNotFound, SyncError
+
+Direction = Literal["both", "push", "pull"]
+Prefer = Literal["local", "remote", "newer"]
+Progress = Callable[[str, int, int], None]
+State = dict[str, dict[str, Any]]
+CHUNK = 1 << 20
+HASH_BATCH = 5000  # paths per fs.hash request: keeps the request frame small
+STATE_VERSION = 1
+_ENTRY_INTS = ("size", "local_mtime_ns", "remote_mtime_ns")
+
+
+class Stat(NamedTuple):
+    size: int
+    mtime_ns: int
+    mode: int
+
+
+@dataclass
+class SyncReport:
+    """What a sync did (or, with ``dry_run``, would do); paths are relative to the roots."""
+
+    pushed: list[str] = field(default_factory=list)
+    pulled: list[str] = field(default_factory=list)
+    deleted_local: list[str] = field(default_factory=list)
+    deleted_remote: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    unchanged: int = 0
+    duration: float = 0.0
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        text = (f"pushed {len(self.pushed)} ({_human(self.bytes_sent)}), "
+                f"pulled {len(self.pulled)} ({_human(self.bytes_received)}), "
+                f"deleted {len(self.deleted_local)} local / {len(self.deleted_remote)} remote, "
+                f"{len(self.conflicts)} conflicts, {self.unchanged} unchanged "
+                f"in {self.duration:.2f}s")
+        return ("dry run: " + text) if self.dry_run else text
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # unreachable; keeps mypy happy
+
+
+class _Filter:
+    """Gitignore-style excludes; a file under an excluded directory is excluded too."""
+
+    def __init__(self, patterns: Iterable[str], skip: set[str]) -> None:
+        self.spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
+        self.skip = skip
+        self._dirs: dict[str, bool] = {}
+
+    def dir_excluded(self, rel: str) -> bool:
+        if rel not in self._dirs:
+            parent = posixpath.dirname(rel)
+            self._dirs[rel] = (bool(parent) and self.dir_excluded(parent)) or \
+                self.spec.match_file(rel + "/")
+        return self._dirs[rel]
+
+    def excluded(self, rel: str) -> bool:
+        parent = posixpath.dirname(rel)
+        return rel in self.skip or (bool(parent) and self.dir_excluded(parent)) or \
+            self.spec.match_file(rel)
+
+
+def _make_filter(root: Path, exclude: Iterable[str], state_file: Path | None) -> _Filter:
+    lines = list(exclude)
+    gitignore = root / ".gitignore"
+    if gitignore.is_file():
+        lines += gitignore.read_text(errors="replace").splitlines()
+    skip: set[str] = set()
+    if state_file is not None:
+        with contextlib.suppress(ValueError):  # ValueError: it lives outside the tree
+            skip.add(state_file.resolve().relative_to(root.resolve()).as_posix())
+    return _Filter(lines, skip)
+
+
+def _scan_local(root: Path, flt: _Filter) -> dict[str, Stat]:
+    """Regular files under ``root`` (symlinks and special files skipped, like the agent)."""
+    files: dict[str, Stat] = {}
+    stack = [("", str(root))]
+    while stack:
+        prefix, path = stack.pop()
+        with os.scandir(path) as it:
+            for entry in it:
+                rel = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if not flt.dir_excluded(rel):
+                        stack.append((rel + "/", entry.path))
+                elif entry.is_file(follow_symlinks=False) and not flt.excluded(rel):
+                    st = entry.stat(follow_symlinks=False)
+                    files[rel] = Stat(st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+    return files
+
+
+def _scan_remote(client: AgentClient, root: str, flt: _Filter) -> dict[str, Stat] | None:
+    """The remote files, or None when the remote directory does not exist."""
+    try:
+        files, _ = client.walk(root)
+    except SandboxFileNotFound:
+        return None
+    return {rel: Stat(*v) for rel, v in files.items() if not flt.excluded(rel)}
+
+
+def _load_state(path: Path | None, local: Path, remote: str) -> State:
+    """The last sync's state; anything unreadable or for other roots counts as none."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if data.get("local") != str(local) or data.get("remote") != remote:
+            return {}
+        files = data["files"]
+        return {rel: e for rel, e in files.items() if isinstance(e, dict)
+                and all(isinstance(e.get(k), int) for k in _ENTRY_INTS)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _save_state(path: Path, local: Path, remote: str, files: State) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    body = {"version": STATE_VERSION, "local": str(local), "remote": remote, "files": files}
+    tmp.write_text(json.dumps(body, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _in_sync(loc: Stat, rem: Stat, b: dict[str, Any] | None) -> bool:
+    """Equal without hashing: same size and mtime, or both exactly as the last sync left them."""
+    if loc.size != rem.size:
+        return False
+    return loc.mtime_ns == rem.mtime_ns or _matches_base(loc, rem, b)
+
+
+def _matches_base(loc: Stat, rem: Stat, b: dict[str, Any] | None) -> bool:
+    return b is not None and b["size"] == loc.size == rem.size \
+        and b["local_mtime_ns"] == loc.mtime_ns and b["remote_mtime_ns"] == rem.mtime_ns
+
+
+def _changed(st: Stat | None, b: dict[str, Any] | None, key: str) -> bool:
+    if b is None or st is None:
+        return st is not None or b is not None
+    return bool(st.size != b["size"] or st.mtime_ns != b[key])
+
+
+def _resolve(loc: Stat, rem: Stat, prefer: Prefer | None) -> str:
+    if prefer == "local" or (prefer == "newer" and loc.mtime_ns > rem.mtime_ns):
+        return "push"
+    if prefer == "remote" or (prefer == "newer" and rem.mtime_ns > loc.mtime_ns):
+        return "pull"
+    return "conflict"
+
+
+def _decide(loc: Stat | None, rem: Stat | None, b: dict[str, Any] | None, equal: bool,
+            direction: Direction, delete: bool, prefer: Prefer | None) -> str | None:
+    """One file's action: push, pull, del_local, del_remote, conflict, same or None."""
+    if loc is not None and rem is not None:
+        if equal or _in_sync(loc, rem, b):
+            return "same"
+        if direction != "both":
+            return direction
+        lc, rc = _changed(loc, b, "local_mtime_ns"), _changed(rem, b, "remote_mtime_ns")
+        if lc != rc:
+            return "push" if lc else "pull"
+        return _resolve(loc, rem, prefer)
+    if loc is not None:
+        if direction == "pull":
+            return "del_local" if delete else None
+        gone = direction == "both" and not _changed(loc, b, "local_mtime_ns")
+        return "del_local" if gone and delete else "push"
+    if rem is not None:
+        if direction == "push":
+            return "del_remote" if delete else None
+        gone = direction == "both" and not _changed(rem, b, "remote_mtime_ns")
+        return "del_remote" if gone and delete else "pull"
+    return None
+
+
+def _local_hash(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class _Syncer:
+    """Carries out a plan: keeps the report, the new state and the progress count."""
+
+    def __init__(self, client: AgentClient, local: Path, remote: str, report: SyncReport,
+                 progress: Progress | None, state: State) -> None:
+        self.client, self.local, self.remote = client, local, remote
+        self.report, self.progress, self.state = report, progress, state
+        self.done = self.total = 0
+
+    def run(self, plan: dict[str, str | None], lf: dict[str, Stat], rf: dict[str, Stat],
+            equal: dict[str, str]) -> None:
+        """Act on each file; ``state`` keeps the old entry of a file left alone."""
+        r = self.report
+        lists = {"push": r.pushed, "pull": r.pulled, "del_local": r.deleted_local,
+                 "del_remote": r.deleted_remote, "conflict": r.conflicts}
+        self.total = sum(lf[p].size if a == "push" else rf[p].size
+                         for p, a in plan.items() if a in ("push", "pull"))
+        for rel, action in plan.items():
+            if action == "same":
+                r.unchanged += 1
+                self.state[rel] = _same_entry(lf[rel], rf[rel], self.state.get(rel),
+                                              equal.get(rel))
+            elif action == "conflict" or (action is not None and r.dry_run):
+                lists[action].append(rel)  # a dry run counts the bytes it would move
+                r.bytes_sent += lf[rel].size if action == "push" and r.dry_run else 0
+                r.bytes_received += rf[rel].size if action == "pull" and r.dry_run else 0
+            elif action is not None and self._apply(action, rel):
+                lists[action].append(rel)
+            if rel not in lf and rel not in rf:
+                self.state.pop(rel, None)  # gone from both sides: forget it
+
+    def _apply(self, action: str, rel: str) -> bool:
+        """One transfer or deletion; False when the source vanished since the scan."""
+        ops = {"push": self._push, "pull": self._pull, "del_local": self._delete_local,
+               "del_remote": self._delete_remote}
+        try:
+            entry = ops[action](rel)
+        except (OSError, AivaError) as exc:
+            raise SyncError(f"sync failed at {rel} ({action}): {exc}") from exc
+        if entry is None:
+            return False
+        if entry:
+            self.state[rel] = entry
+        else:
+            self.state.pop(rel, None)
+        return True
+
+    def _tick(self, phase: str, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(phase, self.done, self.total)
+
+    def _push(self, rel: str) -> dict[str, Any] | None:
+        h = hashlib.sha256()
+        try:
+            f = (self.local / rel).open("rb")
+        except FileNotFoundError:
+            return None
+        with f:
+            st = os.fstat(f.fileno())
+
+            def chunks() -> Iterator[bytes]:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    yield chunk
+                    self._tick("push", len(chunk))
+
+            n = self.client.write_file(posixpath.join(self.remote, rel), chunks(),
+                                       mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns)
+        self.report.bytes_sent += n
+        return _entry(n, st.st_mtime_ns, st.st_mtime_ns, h.hexdigest())
+
+    def _pull(self, rel: str) -> dict[str, Any] | None:
+        """Stream into a temp file beside the target, then rename: never half a file."""
+        dest = self.local / rel
+        try:
+            meta, chunks = self.client.read_stream(posixpath.join(self.remote, rel))
+        except SandboxFileNotFound:
+            return None
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".aiva")
+        h, n, mtime = hashlib.sha256(), 0, int(meta["mtime_ns"])
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+                    self._tick("pull", len(chunk))
+            os.chmod(tmp, int(meta["mode"]))
+            os.utime(tmp, ns=(mtime, mtime))
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.report.bytes_received += n
+        return _entry(n, dest.stat().st_mtime_ns, mtime, h.hexdigest())
+
+    def _delete_local(self, rel: str) -> dict[str, Any]:
+        (self.local / rel).unlink(missing_ok=True)
+        parent = (self.local / rel).parent
+        while parent != self.local:  # drop the directories the deletion left empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+        return {}
+
+    def _delete_remote(self, rel: str) -> dict[str, Any]:
+        with contextlib.suppress(SandboxFileNotFound):
+            self.client.remove(posixpath.join(self.remote, rel))
+        parent = posixpath.dirname(rel)
+        while parent:  # non-recursive remove: fails (and stops) at a non-empty directory
+            try:
+                self.client.remove(posixpath.join(self.remote, parent))
+            except AivaError:
+                break
+            parent = posixpath.dirname(parent)
+        return {}
+
+
+def _entry(size: int, local_ns: int, remote_ns: int, sha: str | None) -> dict[str, Any]:
+    return {"size": size, "local_mtime_ns": local_ns, "remote_mtime_ns": remote_ns, "sha256": sha}
+
+
+def _equal_content(client: AgentClient, local: Path, remote: str, rels: list[str]
+                   ) -> dict[str, str]:
+    """Which same-size files with different mtimes hold the same bytes: relpath -> sha256."""
+    equal: dict[str, str] = {}
+    for i in range(0, len(rels), HASH_BATCH):
+        batch = rels[i:i + HASH_BATCH]
+        remote_hashes = client.hash_files(remote, batch)
+        for rel in batch:
+            try:
+                sha = _local_hash(local / rel)
+            except OSError:
+                continue
+            if remote_hashes.get(rel) == sha:
+                equal[rel] = sha
+    return equal
+
+
+def sync(client: AgentClient, local: Path | str, remote: str, *,
+         direction: Direction = "both", delete: bool = False, exclude: Iterable[str] = (),
+         prefer: Prefer | None = None, state_file: Path | None = None,
+         progress: Progress | None = None, dry_run: bool = False) -> SyncReport:
+    """Bring ``local`` and the sandbox's ``remote`` directory in line; see the module doc.
+
+    Conflicts (changed on both sides, content differs) are reported and left alone unless
+    ``prefer`` picks a winner. A missing root is treated as a first sync, never as "every
+    file was deleted". With ``dry_run`` nothing changes and the byte counts are planned ones.
+    """
+    started = time.monotonic()
+    if direction not in ("both", "push", "pull") or prefer not in (None, "local", "remote",
+                                                                   "newer"):
+        raise SyncError(f"bad sync options: direction={direction!r}, prefer={prefer!r}")
+    root = Path(local).expanduser().absolute()
+    remote = posixpath.normpath(remote)
+    if root.exists() and not root.is_dir():
+        raise SyncError(f"local path {root} is not a directory")
+    if direction == "push" and not root.is_dir():
+        raise SyncError(f"nothing to push: local directory {root} does not exist",
+                        hint="check the path, or pull into it first")
+    flt = _make_filter(root, exclude, state_file)
+    base = _load_state(state_file, root, remote)
+    local_files = _scan_local(root, flt) if root.is_dir() else None
+    remote_files = _scan_remote(client, remote, flt)
+    if remote_files is None and direction == "pull":
+        raise SyncError(f"nothing to pull: {remote} does not exist in {client.label}")
+    if False:
+        base = {}
+    lf, rf = local_files or {}, remote_files or {}
+    paths = sorted((set(lf) | set(rf) | set(base)) - {p for p in base if flt.excluded(p)})
+    candidates = [p for p in paths if p in lf and p in rf and lf[p].size == rf[p].size
+                  and not _in_sync(lf[p], rf[p], base.get(p))]
+    equal = _equal_content(client, root, remote, candidates)
+    plan = {p: _decide(lf.get(p), rf.get(p), base.get(p), p in equal, direction, delete, prefer)
+            for p in paths}
+    report = SyncReport(dry_run=dry_run)
+    state = {p: e for p, e in base.items() if p in paths}
+    if not dry_run:
+        if remote_files is None:
+            try:
+                client.mkdir(remote)
+            except AivaError as exc:
+                raise SyncError(f"cannot create {remote} in {client.label}: {exc}") from exc
+        root.mkdir(parents=True, exist_ok=True)
+    try:
+        _Syncer(client, root, remote, report, progress, state).run(plan, lf, rf, equal)
+    finally:  # what was done so far is remembered, so a rerun does not redo or misread it
+        if state_file is not None and not dry_run:
+            _save_state(state_file, root, remote, state)
+    report.duration = time.monotonic() - started
+    return report
+
+
+def _same_entry(loc: Stat, rem: Stat, b: dict[str, Any] | None, sha: str | None
+                ) -> dict[str, Any]:
+    """State for a file equal on both sides: a fresh hash, else the base's if still valid."""
+    if sha is None and b is not None and _matches_base(loc, rem, b):
+        sha = b.get("sha256")
+    return _entry(loc.size, loc.mtime_ns, rem.mtime_ns, sha)
+
+
+def push(client: AgentClient, local: Path | str, remote: str, *, delete: bool = False,
+         exclude: Iterable[str] = (), state_file: Path | None = None,
+         progress: Progress | None = None, dry_run: bool = False) -> SyncReport:
+    """Make ``remote`` match ``local`` (only changed files cross)."""
+    return sync(client, local, remote, direction="push", delete=delete, exclude=exclude,
+                state_file=state_file, progress=progress, dry_run=dry_run)
+
+
+def pull(client: AgentClient, local: Path | str, remote: str, *, delete: bool = False,
+         exclude: Iterable[str] = (), state_file: Path | None = None,
+         progress: Progress | None = None, dry_run: bool = False) -> SyncReport:
+    """Make ``local`` match ``remote`` (only changed files cross)."""
+    return sync(client, local, remote, direction="pull", delete=delete, exclude=exclude,
+                state_file=state_file, progress=progress, dry_run=dry_run)
