@@ -36,7 +36,7 @@ from aiva.store import Store
 _STREAM = {FrameKind.STDOUT: "stdout", FrameKind.STDERR: "stderr"}
 
 #: Keys `aiva config NAME set` may change on an existing sandbox, and how they apply.
-LIVE_KEYS = {"cpus", "memory", "pids_limit"}
+LIVE_KEYS = {"cpus", "memory"}
 SPEC_KEYS = {"cpus", "memory", "disk", "pids_limit", "image", "template", "profile", "ports",
              "workdir", "backend"}
 
@@ -444,8 +444,6 @@ class Engine:
             spec.cpus = float(value)
         elif head == "memory":
             spec.memory = parse_size(value)
-        elif head == "pids_limit":
-            spec.pids_limit = int(value)
         elif head in SPEC_KEYS:
             raise InvalidValue(
                 f"'{key}' cannot change on an existing sandbox",
@@ -453,7 +451,7 @@ class Engine:
             )
         else:
             raise InvalidValue(f"unknown key '{key}'",
-                               hint="settable: cpus, memory, pids_limit, env.NAME, labels.NAME")
+                               hint="settable: cpus, memory, env.NAME, labels.NAME")
         sb = self.store.update(name, spec=spec)
         if head in LIVE_KEYS:
             self._backend_of(sb).update_resources(sb)

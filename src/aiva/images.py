@@ -207,18 +207,24 @@ def _python_in_tar(path: Path) -> str | None:
     return None
 
 
-def _import(client: docker.DockerClient, src: str | bytes, tag: str, changes: list[str]) -> str:
+def _import(client: docker.DockerClient, src: str | bytes, tag: str, changes: list[str]) -> Image:
+    """``docker import``; the image it untags is removed too, unless something still uses it."""
+    old = _get(client, tag)
     repo, _, version = tag.rpartition(":")
     with _docker(f"cannot import image {tag}"):
         out = client.api.import_image(src=src, repository=repo, tag=version, changes=changes)
-    for line in str(out).splitlines()[::-1]:
+    for line in str(out).splitlines():
         with suppress(ValueError):
             msg: dict[str, Any] = json.loads(line)
             if "error" in msg:
                 raise ImageError(f"cannot import image {tag}: {msg['error']}")
-            if str(msg.get("status", "")).startswith("sha256:"):
-                return str(msg["status"])
-    raise ImageError(f"cannot import image {tag}: unexpected engine answer {out!r:.200}")
+    with _docker(f"cannot inspect image {tag}"):
+        new = client.images.get(tag)
+    if old is not None and old.id != new.id:
+        with suppress(docker.errors.APIError):
+            if not client.images.get(old.id).tags:
+                client.images.remove(old.id)
+    return new
 
 
 def build_image(
@@ -236,10 +242,10 @@ def build_image(
     mirror = mirror or default_mirror()
     key = cache_key(template, suite, mirror)
     tag = template_tag(template)
-    old = _get(client, tag)
-    if old is not None and not force and (old.labels or {}).get(CACHE_KEY) == key:
+    current = _get(client, tag)
+    if current is not None and not force and (current.labels or {}).get(CACHE_KEY) == key:
         say(f"cached: {tag} is up to date (key {key})")
-        return ImageInfo.from_image(old, tag)
+        return ImageInfo.from_image(current, tag)
     tar = aiva_home() / "cache" / "images" / f"{template}-{key}.tar"
     if tar.is_file():
         say(f"cached rootfs {tar}: skipping mmdebstrap")
@@ -249,16 +255,11 @@ def build_image(
     python = _python_in_tar(tar)
     labels = f"{MANAGED}=true {TEMPLATE}={template} {CACHE_KEY}={key}"
     say(f"importing {tar.name} as {tag}")
-    image_id = _import(client, str(tar), tag, [
+    image = _import(client, str(tar), tag, [
         f"LABEL {labels}" + (f" {PYTHON}={python}" if python else ""),
         'CMD ["/bin/sh"]', "WORKDIR /", "ENV LANG=C.UTF-8", f"ENV PATH={PATH_ENV}",
     ])
-    if old is not None and old.id != image_id:  # drop the image we just untagged, if unused
-        with suppress(docker.errors.APIError):
-            if not client.images.get(old.id).tags:
-                client.images.remove(old.id)
-    with _docker(f"cannot inspect image {tag}"):
-        return ImageInfo.from_image(client.images.get(image_id), tag)
+    return ImageInfo.from_image(image, tag)
 
 
 def list_images(client: docker.DockerClient) -> list[ImageInfo]:
@@ -352,8 +353,8 @@ def check_python(client: docker.DockerClient, image: Image) -> str:
     return version
 
 
-def build_test_image_without_python(client: docker.DockerClient) -> str:
-    """A busybox-only image (no python3), for testing the unsupported-image path."""
+def busybox_rootfs() -> bytes:
+    """A tarball with the host's static /bin/busybox as sh, sleep, cat and echo; no python3."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for d, mode in (("bin", 0o755), ("tmp", 0o1777), ("etc", 0o755)):
@@ -367,7 +368,12 @@ def build_test_image_without_python(client: docker.DockerClient) -> str:
             link = tarfile.TarInfo(f"bin/{name}")
             link.type, link.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(link)
-    _import(client, buf.getvalue(), NOPYTHON_TAG, [
+    return buf.getvalue()
+
+
+def build_test_image_without_python(client: docker.DockerClient) -> str:
+    """A busybox-only image, for testing the unsupported-image path; returns its tag."""
+    _import(client, busybox_rootfs(), NOPYTHON_TAG, [
         f"LABEL {MANAGED}=true aiva.purpose=test", 'CMD ["/bin/sh"]', "ENV PATH=/bin",
     ])
     return NOPYTHON_TAG

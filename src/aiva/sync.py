@@ -70,13 +70,12 @@ class SyncReport:
         return asdict(self)
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # unreachable; keeps mypy happy
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 class _Filter:
@@ -101,10 +100,9 @@ class _Filter:
 
 
 def _make_filter(root: Path, exclude: Iterable[str], state_file: Path | None) -> _Filter:
-    lines = list(exclude)
     gitignore = root / ".gitignore"
-    if gitignore.is_file():
-        lines += gitignore.read_text(errors="replace").splitlines()
+    lines = gitignore.read_text(errors="replace").splitlines() if gitignore.is_file() else []
+    lines += exclude  # last, so a "!pattern" in .gitignore cannot undo an explicit exclude
     skip: set[str] = set()
     if state_file is not None:
         with contextlib.suppress(ValueError):  # ValueError: it lives outside the tree
@@ -113,12 +111,19 @@ def _make_filter(root: Path, exclude: Iterable[str], state_file: Path | None) ->
 
 
 def _scan_local(root: Path, flt: _Filter) -> dict[str, Stat]:
-    """Regular files under ``root`` (symlinks and special files skipped, like the agent)."""
+    """Regular files under ``root`` (symlinks and special files skipped, like the agent).
+
+    An unreadable directory is an error, not a skip: skipping would read as deletions.
+    """
     files: dict[str, Stat] = {}
     stack = [("", str(root))]
     while stack:
         prefix, path = stack.pop()
-        with os.scandir(path) as it:
+        try:
+            it = os.scandir(path)
+        except OSError as exc:
+            raise SyncError(f"cannot read local directory {path}: {exc}") from exc
+        with it:
             for entry in it:
                 rel = prefix + entry.name
                 if entry.is_dir(follow_symlinks=False):
@@ -213,11 +218,6 @@ def _decide(loc: Stat | None, rem: Stat | None, b: dict[str, Any] | None, equal:
     return None
 
 
-def _local_hash(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 class _Syncer:
     """Carries out a plan: keeps the report, the new state and the progress count."""
 
@@ -232,7 +232,7 @@ class _Syncer:
         """Act on each file; ``state`` keeps the old entry of a file left alone."""
         r = self.report
         lists = {"push": r.pushed, "pull": r.pulled, "del_local": r.deleted_local,
-                 "del_remote": r.deleted_remote, "conflict": r.conflicts}
+                 "del_remote": r.deleted_remote}
         self.total = sum(lf[p].size if a == "push" else rf[p].size
                          for p, a in plan.items() if a in ("push", "pull"))
         for rel, action in plan.items():
@@ -240,10 +240,12 @@ class _Syncer:
                 r.unchanged += 1
                 self.state[rel] = _same_entry(lf[rel], rf[rel], self.state.get(rel),
                                               equal.get(rel))
-            elif action == "conflict" or (action is not None and r.dry_run):
+            elif action == "conflict":
+                r.conflicts.append(rel)
+            elif action is not None and r.dry_run:
                 lists[action].append(rel)  # a dry run counts the bytes it would move
-                r.bytes_sent += lf[rel].size if action == "push" and r.dry_run else 0
-                r.bytes_received += rf[rel].size if action == "pull" and r.dry_run else 0
+                r.bytes_sent += lf[rel].size if action == "push" else 0
+                r.bytes_received += rf[rel].size if action == "pull" else 0
             elif action is not None and self._apply(action, rel):
                 lists[action].append(rel)
             if rel not in lf and rel not in rf:
@@ -353,7 +355,8 @@ def _equal_content(client: AgentClient, local: Path, remote: str, rels: list[str
         remote_hashes = client.hash_files(remote, batch)
         for rel in batch:
             try:
-                sha = _local_hash(local / rel)
+                with (local / rel).open("rb") as f:
+                    sha = hashlib.file_digest(f, "sha256").hexdigest()
             except OSError:
                 continue
             if remote_hashes.get(rel) == sha:
@@ -388,7 +391,7 @@ def sync(client: AgentClient, local: Path | str, remote: str, *,
     remote_files = _scan_remote(client, remote, flt)
     if remote_files is None and direction == "pull":
         raise SyncError(f"nothing to pull: {remote} does not exist in {client.label}")
-    if False:
+    if local_files is None or remote_files is None:
         base = {}
     lf, rf = local_files or {}, remote_files or {}
     paths = sorted((set(lf) | set(rf) | set(base)) - {p for p in base if flt.excluded(p)})

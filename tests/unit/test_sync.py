@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def test_first_push_copies_all_then_nothing(client: AgentClient, local: Path,
     first = push(client, local, str(remote))
     assert first.pushed == ["a.txt", "sub/b.bin", "sub/deep/c.md"]
     assert first.bytes_sent == 5 + 200 + 3
+    assert first.summary().startswith("pushed 3 (208 B), pulled 0 (0 B)")
     assert tree(remote) == tree(local)
 
     second = push(client, local, str(remote))
@@ -204,7 +206,7 @@ def test_large_file_round_trip_with_progress(client: AgentClient, local: Path, r
     put(local, "big.bin", data)
     calls: list[tuple[str, int, int]] = []
     report = push(client, local, str(remote), progress=lambda *a: calls.append(a))
-    assert report.bytes_sent == len(data)
+    assert report.bytes_sent == len(data) and "(20.0 MB)" in report.summary()
     assert sha((remote / "big.bin").read_bytes()) == sha(data)
     assert calls[-1] == ("push", len(data), len(data))
     assert [c[1] for c in calls] == sorted(c[1] for c in calls) and len(calls) > 1
@@ -376,7 +378,7 @@ def test_symlinks_are_skipped(client: AgentClient, local: Path, remote: Path) ->
 def test_missing_local_source_is_a_sync_error(client: AgentClient, tmp_path: Path,
                                               remote: Path) -> None:
     missing = tmp_path / "nope"
-    with pytest.raises(SyncError, match="nothing to push.*nope"):
+    with pytest.raises(SyncError, match=r"nothing to push.*nope"):
         push(client, missing, str(remote))
     with pytest.raises(SyncError, match="nothing to pull"):
         pull(client, tmp_path / "dest", str(tmp_path / "no-remote"))
@@ -387,9 +389,7 @@ def test_a_missing_root_is_not_read_as_all_deleted(client: AgentClient, local: P
                                                    remote: Path, state: Path) -> None:
     seed(local)
     sync(client, local, str(remote), state_file=state)
-    for p in sorted(local.rglob("*"), reverse=True):
-        p.rmdir() if p.is_dir() else p.unlink()
-    local.rmdir()
+    shutil.rmtree(local)
     report = sync(client, local, str(remote), state_file=state, delete=True)
     assert report.deleted_remote == [] and len(report.pulled) == 3
     assert tree(local) == tree(remote) and len(tree(remote)) == 3
@@ -399,6 +399,6 @@ def test_local_failure_is_a_sync_error_naming_the_file(client: AgentClient, loca
                                                        remote: Path) -> None:
     put(remote, "d/x.txt", "x")
     put(local, "d", "a file where the remote has a directory")
-    with pytest.raises(SyncError, match="d/x.txt"):
+    with pytest.raises(SyncError, match=r"d/x\.txt"):
         pull(client, local, str(remote))
     assert (local / "d").read_text() == "a file where the remote has a directory"

@@ -142,7 +142,7 @@ class DockerBackend(Backend):
                     docker.types.Mount(AGENT_IN_SANDBOX, str(paths.agent_bundle()),
                                        type="bind", read_only=True),
                 ],
-                nano_cpus=int(min(spec.cpus, os.cpu_count() or 1) * 1e9),
+                **_cpu(spec.cpus),
                 mem_limit=spec.memory,
                 memswap_limit=spec.memory,
                 pids_limit=spec.pids_limit,
@@ -282,9 +282,7 @@ class DockerBackend(Backend):
         c = self._require(sb)
         spec = sb.spec
         try:
-            c.update(nano_cpus=int(min(spec.cpus, os.cpu_count() or 1) * 1e9),
-                     mem_limit=spec.memory, memswap_limit=spec.memory,
-                     pids_limit=spec.pids_limit)
+            c.update(**_cpu(spec.cpus), mem_limit=spec.memory, memswap_limit=spec.memory)
         except docker.errors.APIError as exc:
             raise BackendError(f"Docker could not update {sb.name}: {_short(exc)}") from exc
 
@@ -313,6 +311,12 @@ class DockerBackend(Backend):
         except Exception:
             return ""
         return " | ".join(text.splitlines()[-5:])
+
+
+def _cpu(cpus: float) -> dict[str, int]:
+    """CPU quota per 100 ms period (settable live, unlike NanoCpus), capped at the host."""
+    return {"cpu_period": 100_000,
+            "cpu_quota": int(min(cpus, os.cpu_count() or 1) * 100_000)}
 
 
 def _short(exc: Exception) -> str:

@@ -1,0 +1,96 @@
+"""Shared test setup: an isolated AIVA_HOME per session, a Docker engine when the test
+needs one, and a final check that no sandbox a test made was left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# One short AIVA_HOME for the whole session (Unix socket paths must stay short); set
+# before aiva is imported anywhere so every default engine uses it.
+TEST_HOME = Path(tempfile.mkdtemp(prefix="aiva-t"))
+os.environ["AIVA_HOME"] = str(TEST_HOME)
+
+
+def docker_client() -> Any:
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+        return client
+    except Exception:
+        return None
+
+
+@pytest.fixture(scope="session")
+def docker_ok() -> Any:
+    client = docker_client()
+    if client is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs a running Docker engine: scripts/setup.sh starts one")
+        pytest.skip("no Docker engine answers here (scripts/setup.sh starts one)")
+    return client
+
+
+@pytest.fixture(scope="session")
+def python_image(docker_ok: Any) -> str:
+    """The aiva/python image, built once (scripts/setup.sh normally has it ready)."""
+    from aiva import images
+
+    return images.build_image("python", client=docker_ok).tag
+
+
+@pytest.fixture(scope="session")
+def engine(python_image: str) -> Iterator[Any]:
+    from aiva.engine import default_engine
+
+    eng = default_engine()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def make_sandbox(engine: Any) -> Iterator[Any]:
+    """Create sandboxes for one test; all are removed afterwards, pass or fail."""
+    from aiva.sdk import Sandbox
+
+    made: list[str] = []
+
+    def make(name: str | None = None, **kw: Any) -> Sandbox:
+        kw.setdefault("cpus", 1)
+        kw.setdefault("memory", "512MB")
+        sb = Sandbox.create(name, engine=engine, **kw)
+        made.append(sb.name)
+        return sb
+
+    yield make
+    for name in made:
+        if engine.exists(name):
+            try:
+                engine.delete(name, volumes=True)
+            except Exception as exc:  # keep cleaning the rest
+                print(f"cleanup of {name} failed: {exc}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any container or volume of this test home was left behind."""
+    client = docker_client()
+    if client is not None:
+        flt = {"label": f"aiva.home={TEST_HOME}"}
+        left = [c.name for c in client.containers.list(all=True, filters=flt)]
+        vols = [v.name for v in client.volumes.list(filters=flt)]
+        for c in client.containers.list(all=True, filters=flt):
+            c.remove(force=True)
+        for v in client.volumes.list(filters=flt):
+            v.remove(force=True)
+        if left or vols:
+            print(f"\nLEAK: tests left containers {left} and volumes {vols} (now removed)")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
