@@ -251,7 +251,8 @@ def test_seed_scenario_create_run_fetch_delete(engine: Any, tmp_path: Path) -> N
 def test_three_sandboxes_run_different_tasks_at_once(make_sandbox: Any) -> None:
     """Seed 003 §1.4: three VMs at once, each running a different task concurrently."""
     tasks = {
-        "sq": ("python3 -c 'print(sum(i*i for i in range(10**5)))'", str(sum(i * i for i in range(10**5)))),
+        "sq": ("python3 -c 'print(sum(i*i for i in range(10**5)))'",
+               str(sum(i * i for i in range(10**5)))),
         "git": ("git init -q /workspace/r && git -C /workspace/r status --short | wc -l", "0"),
         "sh": ("seq 1 500 | awk '{s+=$1} END {print s}'", "125250"),
     }

@@ -7,9 +7,8 @@ worker thread. A test keeps the public names of both classes identical.
 
 from __future__ import annotations
 
-import builtins
-
 import asyncio
+import builtins
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType

@@ -11,7 +11,6 @@ with ``Sandbox.connect`` is left as it was.
 from __future__ import annotations
 
 import builtins
-
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
