@@ -299,7 +299,7 @@ def _save_check(image_id: str, version: str) -> None:
     path = _check_cache()
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {**_load_checks(), image_id: version}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
 

@@ -7,6 +7,7 @@ never a silent no-op.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import uuid
 from datetime import UTC, datetime
@@ -103,6 +104,7 @@ class PortSpec(BaseModel):
                     protocol=proto,
                 )
             ip = parts[0].strip("[]") or default_bind
+            ipaddress.ip_address(ip)
             return cls(
                 host_ip=ip,
                 host_port=_port(parts[1]) if parts[1] else None,

@@ -162,6 +162,7 @@ def test_resolve_missing_image(client: docker.DockerClient, home: Path) -> None:
 
 
 def test_busybox_image_fails_check_python(client: docker.DockerClient, home: Path) -> None:
+    existed = bool(client.images.list(name=NOPYTHON_TAG))  # others' tests may share the tag
     tag = build_test_image_without_python(client)
     try:
         image = resolve_image(client, tag)
@@ -177,7 +178,28 @@ def test_busybox_image_fails_check_python(client: docker.DockerClient, home: Pat
         )
         assert probes == [], "probe container was not removed"
     finally:
-        client.images.remove(NOPYTHON_TAG, force=True)
+        if not existed:
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(NOPYTHON_TAG)
+
+
+def test_foreign_image_is_probed_once(
+    client: docker.DockerClient, minimal: Built, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the same rootfs without aiva's trust label stands in for an image from elsewhere
+    box = client.containers.create(minimal[0].tag, command=["true"])
+    try:
+        image = box.commit("aiva-test/foreign", "latest", changes=["LABEL aiva.managed=false"])
+    finally:
+        box.remove(force=True)
+    try:
+        version = check_python(client, image)
+        assert version.startswith("3.")
+        assert image.id in (home / "cache" / "python-check.json").read_text()
+        monkeypatch.setattr(images, "_probe", lambda *a: pytest.fail("probed again"))
+        assert check_python(client, image) == version
+    finally:
+        client.images.remove(image.id, force=True)
 
 
 def test_unknown_template(client: docker.DockerClient, home: Path) -> None:

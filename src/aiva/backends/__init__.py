@@ -19,11 +19,18 @@ def make_backend(name: str) -> Backend:
 
 def detect_backend() -> Backend:
     """The best engine that answers here (microVM engines will rank first once they land)."""
+    problems: list[BackendUnavailable] = []
     for name in KNOWN:
         backend = make_backend(name)
-        if backend.available():
-            return backend
+        try:
+            backend.check()
+        except BackendUnavailable as exc:
+            problems.append(exc)
+            continue
+        return backend
+    if len(problems) == 1:
+        raise problems[0]
     raise BackendUnavailable(
-        "no sandbox engine is available",
+        "no sandbox engine is available: " + "; ".join(p.message for p in problems),
         hint="install and start Docker: `sudo apt-get install docker.io && sudo dockerd &`",
     )

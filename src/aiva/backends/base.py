@@ -38,8 +38,9 @@ class Backend(ABC):
     name: str
 
     @abstractmethod
-    def available(self) -> bool:
-        """True when the engine is installed and answering (cheap; used for auto-pick)."""
+    def check(self) -> None:
+        """Raise ``BackendUnavailable`` (with a hint) unless the engine is installed and
+        answering; cheap, used to pick an engine."""
 
     @abstractmethod
     def create(self, sb: SandboxInfo) -> dict[str, Any]:

@@ -83,12 +83,8 @@ class DockerBackend(Backend):
             "check DOCKER_HOST and that you may use /var/run/docker.sock",
         )
 
-    def available(self) -> bool:
-        try:
-            self.client  # noqa: B018 - connects and pings
-        except BackendUnavailable:
-            return False
-        return True
+    def check(self) -> None:
+        self.client  # noqa: B018 - connects and pings
 
     def _container(self, sb: SandboxInfo) -> Any:
         import docker

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.status import Status
 from rich.table import Table
@@ -33,13 +34,15 @@ class Fmt(StrEnum):
 
 
 def ok(msg: str) -> None:
-    err_console.print(f"[green]✓[/] {msg}", highlight=False)
+    err_console.print(f"[green]✓[/] {escape(msg)}", highlight=False)
 
 
 def error(msg: str, hint: str | None = None) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    """Plain text on purpose: scripts and tests read it, and messages may hold brackets."""
+    sys.stderr.write(f"error: {msg}\n")
     if hint:
-        err_console.print(f"[dim]hint:[/] {hint}", highlight=False)
+        sys.stderr.write(f"hint: {hint}\n")
+    sys.stderr.flush()
 
 
 def size(n: int) -> str:
@@ -76,8 +79,8 @@ def sandboxes(boxes: list[SandboxInfo], fmt: Fmt) -> None:
         table.add_column(col)
     for sb in boxes:
         style = _STATE_STYLE.get(sb.state.value, "")
-        state = sb.state.value + (f" ({sb.error})" if sb.error else "")
-        table.add_row(sb.name, f"[{style}]{state}[/]", sb.spec.backend, sb.spec.image,
+        state = escape(sb.state.value + (f" ({sb.error})" if sb.error else ""))
+        table.add_row(sb.name, f"[{style}]{state}[/]", sb.spec.backend, escape(sb.spec.image),
                       f"{sb.spec.cpus:g}", format_size(sb.spec.memory),
                       ", ".join(sb.runtime.get("ports") or []) or "-",
                       sb.created_at.strftime("%Y-%m-%d %H:%M"))
@@ -94,15 +97,16 @@ def sandbox(sb: SandboxInfo, fmt: Fmt) -> None:
     style = _STATE_STYLE.get(sb.state.value, "")
     rows = [
         ("name", sb.name), ("id", sb.id), ("state", f"[{style}]{sb.state.value}[/]"),
-        ("error", sb.error or "-"), ("backend", sb.spec.backend), ("image", sb.spec.image),
+        ("error", escape(sb.error or "-")), ("backend", sb.spec.backend),
+        ("image", escape(sb.spec.image)),
         ("profile", sb.spec.profile), ("cpus", f"{sb.spec.cpus:g}"),
         ("memory", format_size(sb.spec.memory)),
         ("disk", format_size(sb.spec.disk) + " (not enforced by docker)"
          if sb.spec.backend == "docker" else format_size(sb.spec.disk)),
         ("workdir", sb.spec.workdir),
         ("ports", ", ".join(sb.runtime.get("ports") or []) or "-"),
-        ("env", ", ".join(f"{k}={v}" for k, v in sb.spec.env.items()) or "-"),
-        ("labels", ", ".join(f"{k}={v}" for k, v in sb.spec.labels.items()) or "-"),
+        ("env", escape(", ".join(f"{k}={v}" for k, v in sb.spec.env.items()) or "-")),
+        ("labels", escape(", ".join(f"{k}={v}" for k, v in sb.spec.labels.items()) or "-")),
         ("created", sb.created_at.isoformat(timespec="seconds")),
         ("updated", sb.updated_at.isoformat(timespec="seconds")),
     ]
@@ -128,7 +132,7 @@ def sync_report(report: Any, fmt: Fmt) -> None:
     if fmt != Fmt.table:
         _dump(report.to_dict(), fmt)
         return
-    err_console.print(report.summary(), highlight=False)
+    err_console.print(escape(report.summary()), highlight=False, soft_wrap=True)
     for path in report.conflicts:
         err_console.print(f"[yellow]conflict:[/] {path} changed on both sides; kept both "
                           "(use --prefer local|remote|newer)", highlight=False)

@@ -1,0 +1,538 @@
+"""Core benchmark: aiva against plain Docker, measured side by side in one run.
+
+aiva's claim is that a sandbox costs about what a container costs to start, and far less
+to use: the host SDK talks to an agent over a bind-mounted Unix socket instead of going
+through dockerd (``docker exec``) for every command or file. So each figure puts aiva
+next to the Docker way of doing the same thing, on the same image, on the same host, in
+the same run (numbers from different runs or machines are not comparable):
+
+1. cold create -> first exec: ``Sandbox.create`` + ``commands.run(["true"])`` vs
+   ``docker run --rm IMAGE true``.
+2. exec latency of ``true`` in a running sandbox vs the Docker SDK's ``exec_run`` and
+   the ``docker exec`` CLI against a container of the same image.
+3. file throughput, 100 MB each way, vs ``docker cp`` in and out.
+4. parallel create of 10 sandboxes vs 10 parallel ``docker run --rm``.
+
+Run: ``.venv/bin/python bench/core.py [--quick]``. Results go to bench/results/core.json.
+Every sandbox and container it makes is removed at the end, also on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+from rich.console import Console
+from rich.table import Table
+
+# A private, short AIVA_HOME (Unix socket paths must stay short), set before aiva is
+# imported so the default engine uses it and the benchmark never sees the user's sandboxes.
+HOME = tempfile.mkdtemp(prefix="aiva-b")
+os.environ["AIVA_HOME"] = HOME
+
+from aiva.engine import default_engine  # noqa: E402
+from aiva.sdk.sandbox import Sandbox  # noqa: E402
+
+IMAGE = "aiva/python:latest"
+RUN_ID = Path(HOME).name
+PEER_LABELS = {"aiva.bench": "1", "aiva.bench.run": RUN_ID}
+MB = 1_000_000
+RESULTS = Path(__file__).resolve().parent / "results"
+
+console = Console()
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Counts:
+    create: int = 7
+    execs: int = 500
+    exec_run: int = 100
+    exec_cli: int = 50
+    file_runs: int = 3
+    file_mb: int = 100
+    parallel: int = 10
+    parallel_rounds: int = 3
+
+
+FULL = Counts()
+QUICK = Counts(create=3, execs=100, exec_run=20, exec_cli=10, file_runs=1, parallel_rounds=1)
+
+
+@dataclass
+class Row:
+    """One line of the table and of core.json."""
+
+    figure: str
+    metric: str
+    unit: str
+    aiva: float | None
+    peer: str | None = None
+    peer_value: float | None = None
+    ratio: float | None = None
+    ratio_is: str | None = None
+    target: str | None = None
+    met: bool | None = None
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    samples: dict[str, Any] = field(default_factory=dict)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def progress(msg: str) -> None:
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False)
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def sample(fn: Callable[[], object], n: int, *, warm: int = 0) -> list[float]:
+    """Wall time of ``n`` calls of ``fn`` (after ``warm`` untimed ones), in seconds."""
+    for _ in range(warm):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-th percentile, linearly interpolated between closest ranks."""
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo = math.floor(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else math.inf
+
+
+def run_quiet(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} failed: {proc.stderr.decode().strip()}")
+
+
+def docker_run_true() -> None:
+    labels = [arg for k, v in PEER_LABELS.items() for arg in ("--label", f"{k}={v}")]
+    run_quiet(["docker", "run", "--rm", *labels, IMAGE, "true"])
+
+
+def ms(xs: list[float]) -> list[float]:
+    return [round(x * 1e3, 4) for x in xs]
+
+
+@contextmanager
+def no_sigint() -> Iterator[None]:
+    """Let cleanup finish even if Ctrl-C is pressed again."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# ---------------------------------------------------------------------- bookkeeping
+
+
+class Boxes:
+    """Every sandbox the benchmark creates, so all of them can be removed at the end."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: list[Sandbox] = []
+
+    def create(self, memory: str) -> Sandbox:
+        sb = Sandbox.create(memory=memory)
+        with self._lock:
+            self._live.append(sb)
+        return sb
+
+    def destroy(self, sb: Sandbox) -> None:
+        sb.destroy(volumes=True)
+        with self._lock:
+            self._live.remove(sb)
+
+    def destroy_all(self) -> None:
+        with self._lock:
+            live, self._live = self._live, []
+        for sb in live:
+            try:
+                sb.destroy(volumes=True)
+            except Exception as exc:
+                progress(f"[yellow]could not destroy {sb.name}: {exc}[/yellow]")
+
+
+def create_and_exec(boxes: Boxes, memory: str) -> tuple[float, Sandbox]:
+    """Seconds from ``Sandbox.create`` to the end of the first ``run(["true"])``."""
+    t0 = time.perf_counter()
+    sb = boxes.create(memory)
+    sb.commands.run(["true"], check=True)
+    return time.perf_counter() - t0, sb
+
+
+def start_peer(client: Any) -> Any:
+    """A long-running container from the same image, with a volume at /workspace like
+    a sandbox has."""
+    labels = [arg for k, v in PEER_LABELS.items() for arg in ("--label", f"{k}={v}")]
+    proc = subprocess.run(
+        ["docker", "run", "-d", *labels, "-v", "/workspace", IMAGE, "sleep", "infinity"],
+        capture_output=True, text=True, check=True,
+    )
+    return client.containers.get(proc.stdout.strip())
+
+
+# ---------------------------------------------------------------------- figures
+
+
+def fig_create(c: Counts, boxes: Boxes, rep: Report) -> tuple[float, float]:
+    """Figure 1; returns the single-create medians (aiva, docker run) for figure 4."""
+    progress("[bold]1. cold create -> first exec[/bold]: warming up (not counted)")
+    boxes.destroy(create_and_exec(boxes, "1GB")[1])
+    docker_run_true()
+    aiva: list[float] = []
+    peer: list[float] = []
+    for i in range(c.create):  # interleaved, so drift on the host hits both alike
+        dt, sb = create_and_exec(boxes, "1GB")
+        boxes.destroy(sb)
+        aiva.append(dt)
+        peer.append(timed(docker_run_true)[0])
+        progress(f"   run {i + 1}/{c.create}: aiva {aiva[-1] * 1e3:.0f} ms, "
+                 f"docker run {peer[-1] * 1e3:.0f} ms")
+    a, p = statistics.median(aiva), statistics.median(peer)
+    r = ratio(a, p)
+    rep.rows.append(Row("1 create->exec", f"median of {c.create}", "ms", a * 1e3,
+                        "docker run --rm", p * 1e3, r, "aiva/peer", "<= 1.2", r <= 1.2))
+    rep.samples["create_ms"] = {"aiva": ms(aiva), "docker_run": ms(peer)}
+    return a, p
+
+
+def fig_exec(c: Counts, boxes: Boxes, peer: Any, rep: Report) -> None:
+    progress(f"[bold]2. exec `true`[/bold]: {c.execs} runs in one sandbox")
+    sb = boxes.create("1GB")
+    try:
+        aiva = sample(lambda: sb.commands.run(["true"], check=True), c.execs, warm=20)
+    finally:
+        boxes.destroy(sb)
+
+    def exec_run() -> None:
+        if peer.exec_run(["true"]).exit_code != 0:
+            raise BenchError("exec_run true failed")
+
+    progress(f"   docker SDK exec_run: {c.exec_run} runs")
+    sdk = sample(exec_run, c.exec_run, warm=3)
+    progress(f"   docker exec CLI: {c.exec_cli} runs")
+    cli = sample(lambda: run_quiet(["docker", "exec", peer.id, "true"]), c.exec_cli, warm=2)
+
+    a50 = pct(aiva, 50) * 1e3
+    rep.rows.append(Row("2 exec true", "p50", "ms", a50, target="<= 2 ms", met=a50 <= 2.0))
+    for q in (50, 95):
+        a = pct(aiva, q) * 1e3
+        for name, xs in (("docker SDK exec_run", sdk), ("docker exec CLI", cli)):
+            p = pct(xs, q) * 1e3
+            row = Row("2 exec true", f"p{q}", "ms", a, name, p, ratio(p, a), "peer/aiva")
+            if q == 50 and name == "docker SDK exec_run":
+                row.target, row.met = ">= 30x", row.ratio is not None and row.ratio >= 30
+            rep.rows.append(row)
+    rep.samples["exec_ms"] = {"aiva": ms(aiva), "exec_run": ms(sdk), "docker_exec": ms(cli)}
+
+
+def aiva_file_rates(c: Counts, sb: Sandbox, data: bytes) -> tuple[list[float], list[float]]:
+    path = "/workspace/big"
+    writes: list[float] = []
+    reads: list[float] = []
+    for i in range(c.file_runs):
+        if sb.files.exists(path):
+            sb.files.remove(path)
+        writes.append(len(data) / MB / timed(lambda: sb.files.write(path, data))[0])
+        dt, got = timed(lambda: sb.files.read(path, format="bytes"))
+        if got != data:
+            raise BenchError(f"read back {len(got)} bytes that differ from what was written")
+        del got
+        reads.append(len(data) / MB / dt)
+        progress(f"   aiva run {i + 1}/{c.file_runs}: write {writes[-1]:.0f} MB/s, "
+                 f"read {reads[-1]:.0f} MB/s")
+    return writes, reads
+
+
+def docker_cp_rates(c: Counts, peer: Any, data: bytes, tmp: Path
+                    ) -> tuple[list[float], list[float]]:
+    src, out = tmp / "big", tmp / "out"
+    src.write_bytes(data)
+    ins: list[float] = []
+    outs: list[float] = []
+    for i in range(c.file_runs):
+        run_quiet(["docker", "exec", peer.id, "rm", "-f", "/workspace/big"])
+        dt, _ = timed(lambda: run_quiet(["docker", "cp", str(src), f"{peer.id}:/workspace/big"]))
+        ins.append(len(data) / MB / dt)
+        out.unlink(missing_ok=True)
+        dt, _ = timed(lambda: run_quiet(["docker", "cp", f"{peer.id}:/workspace/big", str(out)]))
+        if out.read_bytes() != data:
+            raise BenchError("docker cp brought back different bytes")
+        outs.append(len(data) / MB / dt)
+        progress(f"   docker cp run {i + 1}/{c.file_runs}: in {ins[-1]:.0f} MB/s, "
+                 f"out {outs[-1]:.0f} MB/s")
+    src.unlink()
+    out.unlink(missing_ok=True)
+    return ins, outs
+
+
+def fig_files(c: Counts, boxes: Boxes, peer: Any, tmp: Path, rep: Report) -> None:
+    progress(f"[bold]3. file throughput[/bold]: {c.file_mb} MB each way, {c.file_runs} runs")
+    data = os.urandom(c.file_mb * MB)
+    sb = boxes.create("1GB")
+    try:
+        writes, reads = aiva_file_rates(c, sb, data)
+    finally:
+        boxes.destroy(sb)
+    ins, outs = docker_cp_rates(c, peer, data, tmp)
+    for way, aiva, cp, cp_name in (("write", writes, ins, "docker cp in"),
+                                   ("read", reads, outs, "docker cp out")):
+        for stat, fn in (("median", statistics.median), ("best", max)):
+            a, p = fn(aiva), fn(cp)
+            is_median = stat == "median"
+            rep.rows.append(Row("3 files 100MB", f"{way} {stat}", "MB/s", a, cp_name, p,
+                                ratio(a, p), "aiva/peer",
+                                ">= 100 MB/s" if is_median else None,
+                                a >= 100 if is_median else None))
+    rep.samples["files_mb_s"] = {"aiva_write": writes, "aiva_read": reads,
+                                 "docker_cp_in": ins, "docker_cp_out": outs}
+
+
+def parallel_aiva(c: Counts, boxes: Boxes) -> tuple[float, list[float]]:
+    """Wall time to create (and first-exec) ``c.parallel`` sandboxes at once."""
+    with ThreadPoolExecutor(c.parallel) as pool:
+        t0 = time.perf_counter()
+        done = list(pool.map(lambda _: create_and_exec(boxes, "256MB"), range(c.parallel)))
+        total = time.perf_counter() - t0
+        list(pool.map(lambda r: boxes.destroy(r[1]), done))
+    return total, [dt for dt, _ in done]
+
+
+def parallel_docker(c: Counts) -> tuple[float, list[float]]:
+    with ThreadPoolExecutor(c.parallel) as pool:
+        t0 = time.perf_counter()
+        each = list(pool.map(lambda _: timed(docker_run_true)[0], range(c.parallel)))
+        return time.perf_counter() - t0, each
+
+
+def fig_parallel(c: Counts, boxes: Boxes, single: tuple[float, float], rep: Report) -> None:
+    n = c.parallel
+    progress(f"[bold]4. parallel create[/bold]: {n} at once, {c.parallel_rounds} rounds")
+    totals: dict[str, list[float]] = {"aiva": [], "docker": []}
+    means: dict[str, list[float]] = {"aiva": [], "docker": []}
+    for i in range(c.parallel_rounds):
+        for who, fn in (("aiva", lambda: parallel_aiva(c, boxes)),
+                        ("docker", lambda: parallel_docker(c))):
+            total, each = fn()
+            totals[who].append(total)
+            means[who].append(statistics.mean(each))
+        progress(f"   round {i + 1}/{c.parallel_rounds}: aiva {totals['aiva'][-1]:.2f} s, "
+                 f"docker run {totals['docker'][-1]:.2f} s")
+    a, p = statistics.median(totals["aiva"]), statistics.median(totals["docker"])
+    am, pm = statistics.median(means["aiva"]), statistics.median(means["docker"])
+    peer = f"{n}x docker run --rm"
+    rep.rows += [
+        Row("4 parallel x10", "total (median of rounds)", "s", a, peer, p, ratio(a, p),
+            "aiva/peer"),
+        Row("4 parallel x10", "mean per-sandbox latency", "s", am, peer, pm, ratio(am, pm),
+            "aiva/peer"),
+        Row("4 parallel x10", "total / single create", "x", ratio(a, single[0]), peer,
+            ratio(p, single[1])),
+    ]
+    rep.samples["parallel_s"] = {"totals": totals, "mean_latency": means}
+
+
+# ---------------------------------------------------------------------- output
+
+
+def host_facts(client: Any, c: Counts, quick: bool) -> dict[str, Any]:
+    info = client.info()
+    others = [x for x in client.containers.list()
+              if x.labels.get("aiva.bench.run") != RUN_ID
+              and x.labels.get("aiva.home") != HOME]
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "mem_total_gb": round(info.get("MemTotal", 0) / 1e9, 1),
+        "docker_server_version": client.version().get("Version"),
+        "storage_driver": info.get("Driver"),
+        "cgroup_version": info.get("CgroupVersion"),
+        "kernel": platform.release(),
+        "python_version": platform.python_version(),
+        "image": IMAGE,
+        "other_containers_running_at_start": len(others),
+        "quick": quick,
+        "counts": asdict(c),
+    }
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.3g}" if abs(x) < 10 else f"{x:,.0f}"
+
+
+def render(rows: list[Row]) -> None:
+    table = Table(title="aiva vs Docker (same host, same run)")
+    for col in ("figure", "metric", "unit", "aiva", "peer", "peer value", "ratio", "target",
+                "met"):
+        table.add_column(col, justify="right" if col in ("aiva", "peer value", "ratio")
+                         else "left")
+    for r in rows:
+        met = {True: "[green]yes[/green]", False: "[red]NO[/red]", None: ""}[r.met]
+        rat = f"{fmt(r.ratio)} ({r.ratio_is})" if r.ratio is not None and r.ratio_is else (
+            fmt(r.ratio) if r.ratio is not None else "-")
+        table.add_row(r.figure, r.metric, r.unit, fmt(r.aiva), r.peer or "-",
+                      fmt(r.peer_value), rat, r.target or "", met)
+    console.print(table)
+    judged = [r for r in rows if r.met is not None]
+    console.print(f"targets met: {sum(bool(r.met) for r in judged)}/{len(judged)}")
+
+
+def write_json(path: Path, host: dict[str, Any], rep: Report) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"host": host, "rows": [asdict(r) for r in rep.rows], "samples": rep.samples}
+    path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
+    console.print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------- cleanup
+
+
+def sweep(client: Any) -> int:
+    """Remove anything left by this run (sandboxes in the private store, then anything
+    Docker still has with this run's labels); returns how many leftovers it found."""
+    engine = default_engine()
+    found = 0
+    for info in engine.list_all(reconcile=False):
+        found += 1
+        try:
+            engine.delete(info.name, volumes=True)
+        except Exception as exc:
+            progress(f"[yellow]could not delete {info.name}: {exc}[/yellow]")
+    for label in (f"aiva.home={HOME}", f"aiva.bench.run={RUN_ID}"):
+        for ctr in client.containers.list(all=True, filters={"label": label}):
+            found += 1
+            ctr.remove(force=True, v=True)
+    for vol in client.volumes.list(filters={"label": f"aiva.home={HOME}"}):
+        found += 1
+        vol.remove(force=True)
+    return found
+
+
+class Resources:
+    """What the run owns: its sandboxes, the peer container and a scratch directory."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.boxes = Boxes()
+        self.tmp = Path(tempfile.mkdtemp(prefix="aiva-bench-data"))
+        self._peer: Any = None
+
+    def peer(self) -> Any:
+        """The peer container, started on first use."""
+        if self._peer is None:
+            progress(f"   starting peer container from {IMAGE}")
+            self._peer = start_peer(self.client)
+        return self._peer
+
+    def cleanup(self) -> None:
+        progress("cleaning up")
+        with no_sigint():
+            self.boxes.destroy_all()
+            if self._peer is not None:
+                try:
+                    self._peer.remove(force=True, v=True)
+                except docker.errors.NotFound:
+                    pass
+            try:
+                leftovers = sweep(self.client)
+            except Exception as exc:
+                progress(f"[yellow]cleanup sweep failed: {exc}[/yellow]")
+                leftovers = -1
+            default_engine().close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if leftovers:
+                progress(f"[yellow]cleanup met {leftovers} leftover(s); AIVA_HOME {HOME} "
+                         "kept for inspection[/yellow]")
+            else:
+                shutil.rmtree(HOME, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- main
+
+
+def run(c: Counts, res: Resources, rep: Report) -> None:
+    single = fig_create(c, res.boxes, rep)
+    fig_exec(c, res.boxes, res.peer(), rep)
+    fig_files(c, res.boxes, res.peer(), res.tmp, rep)
+    fig_parallel(c, res.boxes, single, rep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    ap.add_argument("--out", type=Path, help="JSON path (default bench/results/core.json; "
+                    "core.quick.json with --quick)")
+    args = ap.parse_args(argv)
+    c = QUICK if args.quick else FULL
+    out = args.out or RESULTS / ("core.quick.json" if args.quick else "core.json")
+    client = docker.from_env(timeout=300)
+    client.images.get(IMAGE)  # fail early: `aiva image build python` makes it
+    host = host_facts(client, c, args.quick)
+    progress(f"AIVA_HOME={HOME}, {host['cpu_count']} CPUs, Docker "
+             f"{host['docker_server_version']}, {host['other_containers_running_at_start']} "
+             "other container(s) running")
+    res, rep = Resources(client), Report()
+    try:
+        run(c, res, rep)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        return 130
+    finally:
+        res.cleanup()
+    render(rep.rows)
+    write_json(out, host, rep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The ``aiva`` command line as a user runs it: separate processes, real Docker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.docker
+
+AIVA = [sys.executable, "-m", "aiva.cli.main"]
+
+
+def aiva(*args: str, env: dict[str, str] | None = None, input: str | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AIVA, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, input=input)
+
+
+def assert_clean_error(r: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert text in r.stderr
+    assert r.stderr.startswith("error:")
+
+
+@pytest.fixture
+def names(engine: Any) -> Iterator[list[str]]:
+    """Sandbox names a CLI test uses; removed afterwards whatever happened."""
+    made: list[str] = []
+    yield made
+    for name in made:
+        if engine.exists(name):
+            engine.delete(name, volumes=True)
+
+
+def _name(names: list[str]) -> str:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    names.append(name)
+    return name
+
+
+def test_user_mistakes_are_one_line_with_a_hint(python_image: str, names: list[str]) -> None:
+    r = aiva("status", "no-such-box")
+    assert_clean_error(r, 1, "no sandbox named 'no-such-box'")
+    assert "hint:" in r.stderr
+
+    r = aiva("start", _name(names), "--memory", "lots")
+    assert_clean_error(r, 2, "'lots' is not a size")
+
+    r = aiva("exec", "no-such-box", "--", "true")
+    assert_clean_error(r, 1, "no sandbox named")
+
+    r = aiva("start", _name(names), "-p", "99999:80")
+    assert_clean_error(r, 2, "not a port mapping")
+
+
+def test_docker_not_running_is_explained(tmp_path: Path) -> None:
+    r = aiva("start", "x", env={"DOCKER_HOST": f"unix://{tmp_path}/no.sock"})
+    assert_clean_error(r, 1, "Docker engine is not running")
+    assert "hint:" in r.stderr
+
+
+def test_whole_flow(python_image: str, names: list[str], tmp_path: Path) -> None:
+    name = _name(names)
+    assert aiva("init", name, "--memory", "512MB", "--cpus", "1", "-e", "MODE=test"
+                ).returncode == 0
+    r = aiva("init", name)
+    assert_clean_error(r, 1, "already exists")
+    status = json.loads(aiva("status", name, "--format", "json").stdout)
+    assert status["state"] == "stopped" and status["spec"]["env"] == {"MODE": "test"}
+
+    r = aiva("start", name)
+    assert r.returncode == 0, r.stderr
+    r = aiva("exec", name, "--", "sh", "-c", "echo $MODE; echo oops >&2; exit 5")
+    assert (r.returncode, r.stdout, r.stderr) == (5, "test\n", "oops\n")
+    r = aiva("exec", "-i", name, "--", "wc", "-c", input="12345")
+    assert r.stdout.strip() == "5"
+    r = aiva("exec", "--timeout", "0.5", name, "--", "sleep", "20")
+    assert r.returncode == 124 and "timed out" in r.stderr
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha")
+    (src / "sub" / "b.txt").write_text("beta")
+    (src / "skip.log").write_text("no")
+    r = aiva("data", name, "sync", str(src), "/workspace/proj", "--exclude", "*.log")
+    assert r.returncode == 0, r.stderr
+    assert "pushed 2" in r.stderr
+    r = aiva("data", name, "sync", str(src), "/workspace/proj", "--exclude", "*.log")
+    assert "pushed 0" in r.stderr and "3 unchanged" not in r.stderr
+    r = aiva("exec", name, "--", "sh", "-c", "echo gamma > /workspace/proj/c.txt")
+    r = aiva("data", name, "pull", "/workspace/proj", str(tmp_path / "back"), "--format", "json")
+    report = json.loads(r.stdout)
+    assert sorted(report["pulled"]) == ["a.txt", "c.txt", "sub/b.txt"]
+
+    (tmp_path / "one.txt").write_text("copied in")
+    assert aiva("cp", str(tmp_path / "one.txt"), f"{name}:/workspace/").returncode == 0
+    assert aiva("cp", f"{name}:/workspace/one.txt", str(tmp_path / "out.txt")).returncode == 0
+    assert (tmp_path / "out.txt").read_text() == "copied in"
+
+    assert aiva("config", name, "get", "env.MODE").stdout.strip() == "test"
+    assert aiva("config", name, "set", "memory", "768MB").returncode == 0
+    assert aiva("config", name, "get", "memory").stdout.strip() == str(768 << 20)
+    assert_clean_error(aiva("config", name, "set", "image", "x"), 2, "cannot change")
+
+    logs = aiva("logs", name, "--tail", "50").stdout
+    assert "$ sh -c 'echo $MODE; echo oops >&2; exit 5'" in logs
+    assert "exit 5" in logs
+
+    listing = yaml.safe_load(aiva("ls", "--format", "yaml").stdout)
+    assert {b["name"]: b["state"] for b in listing}[name] == "running"
+
+    assert aiva("pause", name).returncode == 0
+    assert_clean_error(aiva("exec", name, "--", "true"), 1, "paused")
+    assert aiva("resume", name).returncode == 0
+    assert aiva("stop", name).returncode == 0
+    assert_clean_error(aiva("stop", name), 1, "cannot stop")
+    r = aiva("rm", name, "--volumes")
+    assert r.returncode == 0
+    assert_clean_error(aiva("status", name), 1, "no sandbox")
+
+
+def test_logs_follow_streams_new_output(python_image: str, names: list[str]) -> None:
+    name = _name(names)
+    assert aiva("start", name, "--memory", "256MB").returncode == 0
+    proc = subprocess.Popen([*AIVA, "logs", name, "-f"], stdout=subprocess.PIPE, text=True)
+    try:
+        marker = f"marker-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + 30
+        assert aiva("exec", name, "--", "echo", marker).returncode == 0
+        assert proc.stdout is not None
+        seen = ""
+        while marker not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.readline()
+        assert marker in seen
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_parallel_cli_processes(python_image: str, names: list[str]) -> None:
+    """Several aiva processes at once share the state store without losing anything."""
+    batch = [_name(names) for _ in range(3)]
+    procs = [subprocess.Popen([*AIVA, "start", n, "--memory", "256MB"], stderr=subprocess.PIPE,
+                              text=True) for n in batch]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    listing = json.loads(aiva("ls", "--format", "json").stdout)
+    states = {b["name"]: b["state"] for b in listing}
+    assert all(states[n] == "running" for n in batch)
+    procs = [subprocess.Popen([*AIVA, "rm", n, "--volumes"]) for n in batch]
+    for p in procs:
+        assert p.wait(120) == 0
+    listing = json.loads(aiva("ls", "--format", "json").stdout)
+    assert not {b["name"] for b in listing} & set(batch)
+
+
+def test_image_ls_shows_built_images(python_image: str) -> None:
+    r = aiva("image", "ls", "--format", "json")
+    tags = [i["tag"] for i in json.loads(r.stdout)]
+    assert python_image in tags
