@@ -58,7 +58,8 @@ PEER_LABELS = {"aiva.bench": "1", "aiva.bench.run": RUN_ID}
 MB = 1_000_000
 RESULTS = Path(__file__).resolve().parent / "results"
 
-console = Console()
+# piped output would otherwise wrap the table at 80 columns
+console = Console(width=None if sys.stdout.isatty() else 132)
 T = TypeVar("T")
 
 
@@ -356,9 +357,10 @@ def fig_parallel(c: Counts, boxes: Boxes, single: tuple[float, float], rep: Repo
     progress(f"[bold]4. parallel create[/bold]: {n} at once, {c.parallel_rounds} rounds")
     totals: dict[str, list[float]] = {"aiva": [], "docker": []}
     means: dict[str, list[float]] = {"aiva": [], "docker": []}
+    runners: dict[str, Callable[[], tuple[float, list[float]]]] = {
+        "aiva": lambda: parallel_aiva(c, boxes), "docker": lambda: parallel_docker(c)}
     for i in range(c.parallel_rounds):
-        for who, fn in (("aiva", lambda: parallel_aiva(c, boxes)),
-                        ("docker", lambda: parallel_docker(c))):
+        for who, fn in runners.items():
             total, each = fn()
             totals[who].append(total)
             means[who].append(statistics.mean(each))
@@ -412,16 +414,16 @@ def fmt(x: float | None) -> str:
 
 def render(rows: list[Row]) -> None:
     table = Table(title="aiva vs Docker (same host, same run)")
-    for col in ("figure", "metric", "unit", "aiva", "peer", "peer value", "ratio", "target",
-                "met"):
-        table.add_column(col, justify="right" if col in ("aiva", "peer value", "ratio")
-                         else "left")
+    for col in ("figure", "metric", "aiva", "peer", "peer value", "ratio", "target", "met"):
+        table.add_column(col, justify="right" if col in ("aiva", "peer value") else "left",
+                         no_wrap=True)
     for r in rows:
         met = {True: "[green]yes[/green]", False: "[red]NO[/red]", None: ""}[r.met]
-        rat = f"{fmt(r.ratio)} ({r.ratio_is})" if r.ratio is not None and r.ratio_is else (
-            fmt(r.ratio) if r.ratio is not None else "-")
-        table.add_row(r.figure, r.metric, r.unit, fmt(r.aiva), r.peer or "-",
-                      fmt(r.peer_value), rat, r.target or "", met)
+        rat = "-" if r.ratio is None else f"{fmt(r.ratio)}" + (
+            f" ({r.ratio_is})" if r.ratio_is else "")
+        peer_value = "-" if r.peer_value is None else f"{fmt(r.peer_value)} {r.unit}"
+        table.add_row(r.figure, r.metric, f"{fmt(r.aiva)} {r.unit}", r.peer or "-",
+                      peer_value, rat, r.target or "", met)
     console.print(table)
     judged = [r for r in rows if r.met is not None]
     console.print(f"targets met: {sum(bool(r.met) for r in judged)}/{len(judged)}")
