@@ -34,6 +34,7 @@ def test_same_parameters_and_async_methods() -> None:
 
 def test_all_is_complete() -> None:
     exported = set(aiva.__all__)
+    assert exported == set(aiva._HOMES), "__all__ and the lazy import table disagree"
     for name in exported:
         assert hasattr(aiva, name)
     for facade in ("create_vm", "start_vm", "stop_vm", "delete_vm", "list_vms",
