@@ -59,7 +59,7 @@ MB = 1_000_000
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # piped output would otherwise wrap the table at 80 columns
-console = Console(width=None if sys.stdout.isatty() else 132)
+console = Console(width=None if sys.stdout.isatty() else 140)
 T = TypeVar("T")
 
 
@@ -196,7 +196,8 @@ class Boxes:
             try:
                 sb.destroy(volumes=True)
             except Exception as exc:
-                progress(f"[yellow]could not destroy {sb.name}: {exc}[/yellow]")
+                progress(f"[yellow]could not destroy {sb.name} (the sweep retries): "
+                         f"{exc}[/yellow]")
 
 
 def create_and_exec(boxes: Boxes, memory: str) -> tuple[float, Sandbox]:
@@ -331,8 +332,9 @@ def fig_files(c: Counts, boxes: Boxes, peer: Any, tmp: Path, rep: Report) -> Non
                                 ratio(a, p), "aiva/peer",
                                 ">= 100 MB/s" if is_median else None,
                                 a >= 100 if is_median else None))
-    rep.samples["files_mb_s"] = {"aiva_write": writes, "aiva_read": reads,
-                                 "docker_cp_in": ins, "docker_cp_out": outs}
+    rep.samples["files_mb_s"] = {k: [round(x, 1) for x in v] for k, v in (
+        ("aiva_write", writes), ("aiva_read", reads), ("docker_cp_in", ins),
+        ("docker_cp_out", outs))}
 
 
 def parallel_aiva(c: Counts, boxes: Boxes) -> tuple[float, list[float]]:
@@ -377,7 +379,9 @@ def fig_parallel(c: Counts, boxes: Boxes, single: tuple[float, float], rep: Repo
         Row("4 parallel x10", "total / single create", "x", ratio(a, single[0]), peer,
             ratio(p, single[1])),
     ]
-    rep.samples["parallel_s"] = {"totals": totals, "mean_latency": means}
+    rep.samples["parallel_s"] = {
+        "totals": {k: [round(x, 4) for x in v] for k, v in totals.items()},
+        "mean_latency": {k: [round(x, 4) for x in v] for k, v in means.items()}}
 
 
 # ---------------------------------------------------------------------- output
@@ -431,7 +435,9 @@ def render(rows: list[Row]) -> None:
 
 def write_json(path: Path, host: dict[str, Any], rep: Report) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"host": host, "rows": [asdict(r) for r in rep.rows], "samples": rep.samples}
+    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(r).items()}
+            for r in rep.rows]
+    doc = {"host": host, "rows": rows, "samples": rep.samples}
     path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
     console.print(f"wrote {path}")
 
@@ -439,25 +445,36 @@ def write_json(path: Path, host: dict[str, Any], rep: Report) -> None:
 # ---------------------------------------------------------------------- cleanup
 
 
+def remove(obj: Any, what: str, **kw: Any) -> bool:
+    """Remove a Docker container or volume; False (with a warning) if it could not be."""
+    try:
+        obj.remove(force=True, **kw)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409 or "in progress" not in str(exc):  # a --rm already going
+            progress(f"[yellow]could not remove {what}: {exc}[/yellow]")
+            return False
+    return True
+
+
 def sweep(client: Any) -> int:
-    """Remove anything left by this run (sandboxes in the private store, then anything
-    Docker still has with this run's labels); returns how many leftovers it found."""
+    """Remove anything this run left (sandboxes in its private store, then anything
+    Docker still has with its labels); returns how many things could not be removed."""
     engine = default_engine()
-    found = 0
+    failed = 0
     for info in engine.list_all(reconcile=False):
-        found += 1
         try:
             engine.delete(info.name, volumes=True)
         except Exception as exc:
-            progress(f"[yellow]could not delete {info.name}: {exc}[/yellow]")
+            progress(f"[yellow]could not delete sandbox {info.name}: {exc}[/yellow]")
+            failed += 1
     for label in (f"aiva.home={HOME}", f"aiva.bench.run={RUN_ID}"):
         for ctr in client.containers.list(all=True, filters={"label": label}):
-            found += 1
-            ctr.remove(force=True, v=True)
+            failed += not remove(ctr, f"container {ctr.name}", v=True)
     for vol in client.volumes.list(filters={"label": f"aiva.home={HOME}"}):
-        found += 1
-        vol.remove(force=True)
-    return found
+        failed += not remove(vol, f"volume {vol.name}")
+    return failed
 
 
 class Resources:
@@ -481,20 +498,17 @@ class Resources:
         with no_sigint():
             self.boxes.destroy_all()
             if self._peer is not None:
-                try:
-                    self._peer.remove(force=True, v=True)
-                except docker.errors.NotFound:
-                    pass
+                remove(self._peer, "the peer container", v=True)
             try:
-                leftovers = sweep(self.client)
+                failed = sweep(self.client)
             except Exception as exc:
                 progress(f"[yellow]cleanup sweep failed: {exc}[/yellow]")
-                leftovers = -1
+                failed = 1
             default_engine().close()
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if leftovers:
-                progress(f"[yellow]cleanup met {leftovers} leftover(s); AIVA_HOME {HOME} "
-                         "kept for inspection[/yellow]")
+            if failed:
+                progress(f"[yellow]{failed} thing(s) could not be removed; AIVA_HOME {HOME} "
+                         "kept (clean up with AIVA_HOME=... aiva rm)[/yellow]")
             else:
                 shutil.rmtree(HOME, ignore_errors=True)
 
@@ -517,8 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     c = QUICK if args.quick else FULL
     out = args.out or RESULTS / ("core.quick.json" if args.quick else "core.json")
-    client = docker.from_env(timeout=300)
-    client.images.get(IMAGE)  # fail early: `aiva image build python` makes it
+    try:
+        client = docker.from_env(timeout=300)
+        client.images.get(IMAGE)
+    except docker.errors.DockerException as exc:
+        shutil.rmtree(HOME, ignore_errors=True)
+        console.print(f"[red]{exc}[/red]\nneeds a running Docker engine and {IMAGE} "
+                      "(`.venv/bin/aiva image build python`)")
+        return 1
     host = host_facts(client, c, args.quick)
     progress(f"AIVA_HOME={HOME}, {host['cpu_count']} CPUs, Docker "
              f"{host['docker_server_version']}, {host['other_containers_running_at_start']} "

@@ -107,8 +107,13 @@ class Conn:
 
     def fail(self, chan, exc):
         # type: (int, BaseException) -> None
-        self.channels.pop(chan, None)
+        handler = self.channels.pop(chan, None)
         self.send_json(K.ERROR, chan, error_payload(exc))
+        if handler is not None:  # ERROR ends the channel: release what it holds
+            try:
+                handler.abort()
+            except Exception as err:
+                log("abort failed: %r" % (err,))
 
 
 # --------------------------------------------------------------------------- processes
@@ -195,7 +200,7 @@ class Agent:
         sock.listen(64)
         os.rename(path + ".tmp", path)  # appears only once it accepts
         sock.setblocking(False)
-        self.listeners.append(sock)
+        self.listeners.append((sock, path))  # getsockname() is the pre-rename path
         self.sel.register(sock, selectors.EVENT_READ, ("accept", sock))
 
     def serve_fds(self, rfd, wfd, name):
@@ -275,9 +280,9 @@ class Agent:
         for proc in self.procs.values():
             if proc.exit_code is None:
                 self._killpg(proc, signal.SIGKILL)
-        for sock in self.listeners:
+        for _sock, path in self.listeners:
             try:
-                os.unlink(sock.getsockname())
+                os.unlink(path)
             except OSError:
                 pass
         for conn in list(self.conns):

@@ -213,18 +213,26 @@ class DockerBackend(Backend):
         import docker
 
         c = self._container(sb)
-        if c is not None:
-            try:
-                c.remove(force=True)
-            except docker.errors.NotFound:
-                pass
-        if volumes:
-            try:
-                vol = self.client.volumes.get(sb.runtime.get("volume") or "-")
-                if vol.attrs.get("Labels", {}).get("aiva.sandbox_id") == sb.id:
-                    vol.remove(force=True)
-            except docker.errors.NotFound:
-                pass
+        try:
+            if c is not None:
+                try:
+                    c.remove(force=True)
+                except docker.errors.NotFound:
+                    pass
+                except docker.errors.APIError as exc:
+                    if "already in progress" not in str(exc):
+                        raise
+                    c.wait(condition="removed", timeout=60)  # an earlier rm is finishing
+            if volumes:
+                try:
+                    vol = self.client.volumes.get(sb.runtime.get("volume") or "-")
+                    if vol.attrs.get("Labels", {}).get("aiva.sandbox_id") == sb.id:
+                        vol.remove(force=True)
+                except docker.errors.NotFound:
+                    pass
+        except docker.errors.APIError as exc:
+            raise BackendError(f"Docker could not remove {sb.name}: {_short(exc)}",
+                               hint="retry `aiva rm`; see `docker ps -a`") from exc
         shutil.rmtree(paths.run_dir(sb.id), ignore_errors=True)
 
     def observe(self, sb: SandboxInfo) -> Observed:
