@@ -318,7 +318,7 @@ def image_build(
     with output.status(f"building {template} ...") as st:
         info = images.build_image(template, client=client, force=force,
                                   progress=lambda msg: st.update(f"{template}: {msg}"))
-    output.ok(f"built {info.tag} ({output.size(info.size)})")
+    output.ok(f"image {info.tag} is ready ({output.size(info.size)})")
 
 
 # ---------------------------------------------------------------------- entry
