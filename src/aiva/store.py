@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -129,17 +129,31 @@ class Store:
         action: str | None = None,
     ) -> SandboxInfo:
         """Move a sandbox to ``to`` if the state machine (and ``expect``) allow it."""
-        with self._tx() as db:
-            row = db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                raise SandboxNotFound(name)
-            sb = self._row(row)
+
+        def move(sb: SandboxInfo) -> None:
             if (expect is not None and sb.state not in expect) or (
                 sb.state != to and not can_move(sb.state, to)
             ):
                 raise InvalidTransition(name, sb.state.value, action or f"move to {to.value}")
             sb.state = to
             sb.error = error if to == State.ERROR else None
+
+        return self._change(name, move, runtime=runtime, spec=spec)
+
+    def update(self, name: str, *, runtime: dict[str, Any] | None = None,
+               spec: SandboxSpec | None = None) -> SandboxInfo:
+        return self._change(name, None, runtime=runtime, spec=spec)
+
+    def _change(self, name: str, move: Callable[[SandboxInfo], None] | None, *,
+                runtime: dict[str, Any] | None, spec: SandboxSpec | None) -> SandboxInfo:
+        """Read, change and write one row inside a write-locked transaction."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise SandboxNotFound(name)
+            sb = self._row(row)
+            if move is not None:
+                move(sb)
             if runtime is not None:
                 sb.runtime.update(runtime)
             if spec is not None:
@@ -150,25 +164,6 @@ class Store:
                 "WHERE id=?",
                 (sb.state.value, sb.error, json.dumps(sb.runtime), sb.spec.model_dump_json(),
                  sb.updated_at.isoformat(), sb.id),
-            )
-        return sb
-
-    def update(self, name: str, *, runtime: dict[str, Any] | None = None,
-               spec: SandboxSpec | None = None) -> SandboxInfo:
-        with self._tx() as db:
-            row = db.execute("SELECT * FROM sandboxes WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                raise SandboxNotFound(name)
-            sb = self._row(row)
-            if runtime is not None:
-                sb.runtime.update(runtime)
-            if spec is not None:
-                sb.spec = spec
-            sb.updated_at = utcnow()
-            db.execute(
-                "UPDATE sandboxes SET runtime=?, spec=?, updated_at=? WHERE id=?",
-                (json.dumps(sb.runtime), sb.spec.model_dump_json(), sb.updated_at.isoformat(),
-                 sb.id),
             )
         return sb
 
