@@ -36,11 +36,15 @@ if ! .venv/bin/python -c 'import aiva, pytest, hypothesis' 2>/dev/null \
   touch .venv/.aiva-installed
 fi
 
-# --- Host tools: the Docker engine, mmdebstrap (images), busybox (test image)
+# --- Host tools: the Docker engine, mmdebstrap (images), busybox (initramfs, test image),
+#     QEMU (microVMs)
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 [ -x /bin/busybox ] || need+=(busybox-static)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]}"
   apt_install "${need[@]}"

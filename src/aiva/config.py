@@ -73,7 +73,7 @@ PROFILES: dict[str, Profile] = {
 
 
 class Defaults(_Section):
-    backend: Literal["auto", "docker"] = "auto"
+    backend: Literal["auto", "docker", "qemu"] = "auto"
     profile: str = "standard"
     cpus: float | None = Field(default=None, gt=0)
     memory: Size | None = None
@@ -85,6 +85,7 @@ class Defaults(_Section):
 
 
 class LinuxPlatform(_Section):
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
     firecracker_binary: str = "/usr/bin/firecracker"
     jailer_binary: str = "/usr/bin/jailer"
 

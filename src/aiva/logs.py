@@ -52,27 +52,28 @@ class CommandLog:
                 self._file = None
 
 
-def _parse(line: str) -> LogLine | None:
+def _parse(line: str, source: str | None = None) -> LogLine | None:
     try:
         rec = json.loads(line)
-        return LogLine(datetime.fromtimestamp(rec["t"], UTC), rec["s"], rec["d"])
+        return LogLine(datetime.fromtimestamp(rec["t"], UTC), source or rec["s"], rec["d"])
     except (ValueError, KeyError, TypeError):
         return None
 
 
-def read_command_log(sandbox_id: str, *, tail: int | None = None) -> list[LogLine]:
-    path = paths.logs_dir(sandbox_id) / "commands.jsonl"
+def read_jsonl(path: Path, *, tail: int | None = None, source: str | None = None
+               ) -> list[LogLine]:
+    """Lines of a JSON-lines log ({"t", "s", "d"}); ``source`` overrides each line's own."""
     try:
         with path.open(encoding="utf-8") as f:
             lines: Iterable[str] = deque(f, maxlen=tail) if tail else f.readlines()
     except FileNotFoundError:
         return []
-    return [rec for rec in map(_parse, lines) if rec is not None]
+    return [rec for rec in (_parse(line, source) for line in lines) if rec is not None]
 
 
-def follow_command_log(sandbox_id: str, *, poll: float = 0.1) -> Iterator[LogLine]:
+def follow_jsonl(path: Path, *, source: str | None = None, poll: float = 0.1
+                 ) -> Iterator[LogLine]:
     """New lines as they are appended (``tail -f``), forever; the caller stops iterating."""
-    path = paths.logs_dir(sandbox_id) / "commands.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(exist_ok=True)
     with path.open(encoding="utf-8") as f:
@@ -85,10 +86,18 @@ def follow_command_log(sandbox_id: str, *, poll: float = 0.1) -> Iterator[LogLin
                 continue
             partial += chunk
             if partial.endswith("\n"):
-                rec = _parse(partial)
+                rec = _parse(partial, source)
                 partial = ""
                 if rec is not None:
                     yield rec
+
+
+def read_command_log(sandbox_id: str, *, tail: int | None = None) -> list[LogLine]:
+    return read_jsonl(log_path(sandbox_id), tail=tail)
+
+
+def follow_command_log(sandbox_id: str) -> Iterator[LogLine]:
+    return follow_jsonl(log_path(sandbox_id))
 
 
 def merge(*sources: Iterable[LogLine], tail: int | None = None) -> list[LogLine]:

@@ -6,7 +6,10 @@ from __future__ import annotations
 from aiva.backends.base import Backend
 from aiva.errors import BackendUnavailable, InvalidValue
 
-KNOWN = ("docker",)
+KNOWN = ("docker", "qemu")
+#: Tried in this order by ``backend: auto``. QEMU joins once it is the better default
+#: (KVM present); under TCG a container starts ~10x faster.
+AUTO_ORDER = ("docker",)
 
 
 def make_backend(name: str) -> Backend:
@@ -14,13 +17,17 @@ def make_backend(name: str) -> Backend:
         from aiva.backends.docker import DockerBackend
 
         return DockerBackend()
+    if name == "qemu":
+        from aiva.backends.qemu import QemuBackend
+
+        return QemuBackend()
     raise InvalidValue(f"unknown backend '{name}'", hint=f"use one of: {', '.join(KNOWN)}")
 
 
 def detect_backend() -> Backend:
     """The best engine that answers here (microVM engines will rank first once they land)."""
     problems: list[BackendUnavailable] = []
-    for name in KNOWN:
+    for name in AUTO_ORDER:
         backend = make_backend(name)
         try:
             backend.check()

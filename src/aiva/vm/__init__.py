@@ -1,0 +1,1 @@
+"""microVM support: artifacts, drivers."""
