@@ -433,7 +433,12 @@ class Agent:
         elif kind == K.EOF:
             target.eof()
         elif kind == K.SIGNAL:
-            target.signal(p.decode_json(payload))
+            req = p.decode_json(payload)
+            if req.get("cancel"):  # the client went away: undo, do not answer
+                conn.channels.pop(chan, None)
+                target.abort()
+            else:
+                target.signal(req)
 
     # ---------------------------------------------------------------- processes
 
@@ -1060,8 +1065,16 @@ def op_sys_metrics(agent, conn, chan, req):
     conn.finish(chan, out)
 
 
+def op_sys_shutdown(agent, conn, chan, req):
+    # type: (Agent, Conn, int, dict) -> None
+    """Stop serving: in a VM, /init then syncs, unmounts and powers off."""
+    conn.finish(chan, {"shutdown": True})
+    agent.running = False
+
+
 OPS = {
     "ping": op_ping,
+    "sys.shutdown": op_sys_shutdown,
     "exec": op_exec,
     "proc.wait": op_proc_wait,
     "proc.kill": op_proc_kill,

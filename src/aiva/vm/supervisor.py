@@ -1,0 +1,166 @@
+"""One host process per VM: it owns the QEMU process and everything that talks to it.
+
+    python -m aiva.vm.supervisor VM_DIR      (VM_DIR/launch.json says what to run)
+
+- runs QEMU as its child and records how it ended in ``exit.json``, so a VM that dies
+  is reported with a reason, and the supervisor exits with it (nothing outlives the VM);
+- multiplexes the agent: QEMU's virtio-serial chardev accepts one connection, so the
+  supervisor holds it and serves any number of aiva clients on ``agent.sock``, giving
+  each client's channels their own ids upstream. A client that goes away has its open
+  channels cancelled in the guest;
+- timestamps the serial console into ``console.jsonl`` (the engine log of a VM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiva.agent import protocol as p
+
+K = p.FrameKind
+
+
+class Client:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.chans: dict[int, int] = {}  # client channel -> upstream channel
+
+
+class Mux:
+    """Rewrites channel ids between many clients and the one upstream agent stream."""
+
+    def __init__(self, upstream: asyncio.StreamWriter) -> None:
+        self.up = upstream
+        self.ids = itertools.count(1, 2)
+        self.routes: dict[int, tuple[Client, int]] = {}
+
+    async def from_client(self, client: Client, kind: int, chan: int, payload: bytes) -> None:
+        if kind == K.OPEN:
+            up = next(self.ids)
+            client.chans[chan] = up
+            self.routes[up] = (client, chan)
+        up_chan = client.chans.get(chan)
+        if up_chan is None:
+            return
+        self.up.write(p.encode(kind, up_chan, payload))
+        await self.up.drain()
+
+    async def from_agent(self, kind: int, chan: int, payload: bytes) -> None:
+        route = self.routes.get(chan)
+        if route is None:
+            return
+        client, cchan = route
+        if kind in (K.RESULT, K.ERROR):
+            del self.routes[chan]
+            client.chans.pop(cchan, None)
+        try:
+            client.writer.write(p.encode(kind, cchan, payload))
+            await client.writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass  # the client is gone; its close handler cancels the channel
+
+    def client_gone(self, client: Client) -> None:
+        for up in client.chans.values():
+            self.routes.pop(up, None)
+            self.up.write(p.encode_json(K.SIGNAL, up, {"cancel": True}))
+        client.chans.clear()
+
+
+async def _connect(path: str, deadline: float) -> tuple[asyncio.StreamReader,
+                                                         asyncio.StreamWriter]:
+    while True:
+        try:
+            return await asyncio.open_unix_connection(path, limit=1 << 22)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.005)
+
+
+async def _pump_agent(reader: asyncio.StreamReader, mux: Mux) -> None:
+    decoder = p.Decoder()
+    while data := await reader.read(1 << 20):
+        for kind, chan, payload in decoder.feed(data):
+            await mux.from_agent(kind, chan, payload)
+
+
+async def _pump_console(reader: asyncio.StreamReader, out: Path) -> None:
+    with out.open("a", encoding="utf-8") as f:
+        while line := await reader.readline():
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            f.write(json.dumps({"t": time.time(), "s": "console", "d": text}) + "\n")
+            f.flush()
+
+
+async def supervise(vm_dir: Path) -> int:
+    spec: dict[str, Any] = json.loads((vm_dir / "launch.json").read_text())
+    (vm_dir / "exit.json").unlink(missing_ok=True)
+    with (vm_dir / "qemu.log").open("ab") as qlog:
+        qemu = await asyncio.create_subprocess_exec(*spec["argv"], stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=qlog, stderr=qlog)
+    deadline = time.monotonic() + 30
+    waiter = asyncio.create_task(qemu.wait())
+    try:
+        con_r, _con_w = await _connect(spec["console"], deadline)
+        up_r, up_w = await _connect(spec["agent_upstream"], deadline)
+    except OSError as exc:
+        qemu.kill()
+        await waiter
+        _record_exit(vm_dir, qemu.returncode, f"cannot reach QEMU's sockets: {exc}")
+        return 1
+    mux = Mux(up_w)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = Client(writer)
+        decoder = p.Decoder()
+        try:
+            while data := await reader.read(1 << 20):
+                for kind, chan, payload in decoder.feed(data):
+                    await mux.from_client(client, kind, chan, payload)
+        except ConnectionError:
+            pass
+        finally:
+            mux.client_gone(client)
+            writer.close()
+
+    listen = spec["agent_listen"]
+    Path(listen).unlink(missing_ok=True)
+    old_umask = os.umask(0o177)  # the socket is the VM: owner only
+    try:
+        server = await asyncio.start_unix_server(serve, listen, limit=1 << 22)
+    finally:
+        os.umask(old_umask)
+    tasks = [asyncio.create_task(_pump_agent(up_r, mux)),
+             asyncio.create_task(_pump_console(con_r, vm_dir / "console.jsonl"))]
+    code = await waiter
+    server.close()
+    for t in tasks:
+        t.cancel()
+    Path(listen).unlink(missing_ok=True)
+    _record_exit(vm_dir, code, None)
+    return 0
+
+
+def _record_exit(vm_dir: Path, code: int | None, reason: str | None) -> None:
+    data = {"code": code, "at": time.time(), "reason": reason}
+    tmp = vm_dir / "exit.json.tmp"
+    tmp.write_text(json.dumps(data))
+    tmp.replace(vm_dir / "exit.json")
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print("usage: python -m aiva.vm.supervisor VM_DIR", file=sys.stderr)
+        return 2
+    return asyncio.run(supervise(Path(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
