@@ -16,6 +16,11 @@ import pytest
 # before aiva is imported anywhere so every default engine uses it.
 TEST_HOME = Path(tempfile.mkdtemp(prefix="aiva-t"))
 os.environ["AIVA_HOME"] = str(TEST_HOME)
+# Built images, kernels and root filesystems are content-keyed: share the machine's cache
+# (filled by scripts/setup.sh) instead of rebuilding them for every run.
+SHARED_CACHE = Path(os.environ.get("AIVA_TEST_CACHE", Path.home() / ".aiva" / "cache"))
+SHARED_CACHE.mkdir(parents=True, exist_ok=True)
+(TEST_HOME / "cache").symlink_to(SHARED_CACHE, target_is_directory=True)
 
 
 def docker_client() -> Any:

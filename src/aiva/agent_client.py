@@ -81,16 +81,20 @@ class ProcessTransport:
         return self._out.read1(n)  # type: ignore[attr-defined,no-any-return]
 
     def close(self) -> None:
-        for f in (self._in, self._out):
-            try:
-                f.close()
-            except OSError:
-                pass
+        try:
+            self._in.close()
+        except OSError:
+            pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        # only now: closing a reader blocks while the reader thread is inside read1()
+        try:
+            self._out.close()
+        except OSError:
+            pass
 
 
 def connect_unix(path: str, *, timeout: float = 10.0, alive: Callable[[], bool] | None = None

@@ -227,6 +227,21 @@ def _import(client: docker.DockerClient, src: str | bytes, tag: str, changes: li
     return new
 
 
+def ensure_rootfs_tar(template: str, *, suite: str = DEFAULT_SUITE, mirror: str | None = None,
+                      progress: Progress | None = None) -> Path:
+    """The template's root filesystem as a tar: the one source of containers and VMs."""
+    say: Progress = progress or (lambda _msg: None)
+    pkgs = _packages(template)
+    mirror = mirror or default_mirror()
+    tar = aiva_home() / "cache" / "images" / f"{template}-{cache_key(template, suite, mirror)}.tar"
+    if tar.is_file():
+        say(f"cached rootfs {tar}: skipping mmdebstrap")
+    else:
+        say(f"building rootfs: {' '.join(pkgs)} from {suite} at {mirror}")
+        _mmdebstrap(pkgs, suite, mirror, tar, say)
+    return tar
+
+
 def build_image(
     template: str,
     *,
@@ -238,7 +253,6 @@ def build_image(
 ) -> ImageInfo:
     """Build (or return the up-to-date) ``aiva/<template>:latest`` image."""
     say: Progress = progress or (lambda _msg: None)
-    pkgs = _packages(template)
     mirror = mirror or default_mirror()
     key = cache_key(template, suite, mirror)
     tag = template_tag(template)
@@ -246,12 +260,7 @@ def build_image(
     if current is not None and not force and (current.labels or {}).get(CACHE_KEY) == key:
         say(f"cached: {tag} is up to date (key {key})")
         return ImageInfo.from_image(current, tag)
-    tar = aiva_home() / "cache" / "images" / f"{template}-{key}.tar"
-    if tar.is_file():
-        say(f"cached rootfs {tar}: skipping mmdebstrap")
-    else:
-        say(f"building rootfs: {' '.join(pkgs)} from {suite} at {mirror}")
-        _mmdebstrap(pkgs, suite, mirror, tar, say)
+    tar = ensure_rootfs_tar(template, suite=suite, mirror=mirror, progress=say)
     python = _python_in_tar(tar)
     labels = f"{MANAGED}=true {TEMPLATE}={template} {CACHE_KEY}={key}"
     say(f"importing {tar.name} as {tag}")

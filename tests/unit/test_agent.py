@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ K = p.FrameKind
 AGENT_DIR = Path(aiva.agent.__file__).parent
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root to switch users")
+pytestmark = pytest.mark.timeout(60)  # a broken agent fails a test, never hangs the run
 
 
 # --------------------------------------------------------------------------- helpers
@@ -84,8 +86,13 @@ def alive(pid: int) -> bool:
 
 
 def socket_fds(pid: int) -> int:
-    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd")
-               if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"))
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:  # closed while we looked
+            pass
+    return n
 
 
 def sha(data: bytes) -> str:
@@ -256,6 +263,7 @@ def drain(ch: _Channel) -> list[tuple[int, bytes]]:
 
 
 def run(client: AgentClient, argv: list[str], **kw: Any) -> ExecResult:
+    kw.setdefault("timeout", 30)
     res = client.exec(argv, **kw)
     assert isinstance(res, ExecResult)
     return res
@@ -403,17 +411,19 @@ def test_signal_frame_to_a_foreground_process(client: AgentClient) -> None:
 
 
 def test_client_signal_while_exec_blocks(client: AgentClient) -> None:
-    started: list[int] = []
+    printed: list[str] = []
     out: dict[str, ExecResult] = {}
 
     def target() -> None:
         out["res"] = run(client, ["sh", "-c", 'echo $$; exec sleep 30'],
-                         on_stdout=lambda s: started.append(int(s)), timeout=20)
+                         on_stdout=printed.append, timeout=20)
 
     t = threading.Thread(target=target)
     t.start()
     try:
-        pid = wait_for(lambda: started and started[0], what="the command to start")
+        text = wait_for(lambda: "\n" in "".join(printed) and "".join(printed),
+                        what="the command to print its pid")
+        pid = int(text)
         client.signal(pid, signal.SIGINT)
     finally:
         t.join(30)
@@ -671,21 +681,61 @@ def test_agent_exits_on_eof_and_takes_its_foreground_process(tmp_path: Path) -> 
         assert_clean_log(a.log())
 
 
+@pytest.mark.slow  # ProcessTransport.close gives the agent 5 s to exit before killing it
+def test_closing_the_client_of_a_hung_agent_does_not_hang() -> None:
+    """A stand-in agent that never answers and ignores EOF: close() must give up on it
+    and kill it, not block closing its stdout while the reader thread sits in read1()."""
+    proc = subprocess.Popen(["sh", "-c", "exec sleep 60 0<&-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    client = AgentClient(ProcessTransport(proc), label="hung")
+    closer = threading.Thread(target=client.close, daemon=True)
+    try:
+        closer.start()
+        closer.join(30)
+        assert not closer.is_alive(), "close() hung on an agent that does not exit"
+        assert proc.returncode == -signal.SIGKILL
+        assert client.closed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        closer.join(10)
+
+
 # --------------------------------------------------------------------------- robustness
+
+
+def bad_crc_header(kind: int, chan: int, length: int) -> bytes:
+    """A header right in every field but its checksum."""
+    head = p.HEADER.pack(p.MAGIC, kind, 0, chan, length)
+    return head + p.CRC.pack(zlib.crc32(head) ^ 1)
+
+
+def flip_header_bit(frame: bytes, bit: int) -> bytes:
+    raw = bytearray(frame)
+    raw[bit // 8 % p.HEADER_SIZE] ^= 1 << (bit % 8)
+    return bytes(raw)
 
 
 def test_garbage_between_requests(agent: StdioAgent) -> None:
     client = agent.client
+    watch = listen(client, 2)
     rng = random.Random(5)
     for i in range(30):
         junk = rng.randbytes(rng.randrange(0, 3000))
         if i % 3 == 0:
             junk += p.MAGIC + rng.randbytes(rng.randrange(0, 14))  # a header cut short
+        if i % 4 == 1:  # trusting this header would swallow the next 4 MiB, our ping too
+            junk += bad_crc_header(K.DATA, 2, p.MAX_PAYLOAD)
+        if i % 4 == 3:  # a request with one flipped header bit must not be run
+            junk += flip_header_bit(p.encode_json(K.OPEN, 2, {"op": "ping"}),
+                                    rng.randrange(16, p.HEADER_SIZE * 8))
         if i % 5 == 0:
             junk += p.MAGIC[:1]
         client.transport.send(junk)
         assert client.ping()["pid"] == agent.proc.pid
         assert run(client, ["echo", str(i)]).stdout == f"{i}\n"
+    assert drain(watch) == []
     assert_clean_log(agent.log())
 
 
@@ -821,6 +871,7 @@ def test_broken_channel_process_does_not_outlive_its_connection(unix_agent: Unix
     """A frame that makes the agent answer ERROR on a live exec channel ends that channel;
     its process must not escape the kill that a disconnect brings."""
     a, b = unix_agent.connect(), unix_agent.connect()
+    assert b.ping()  # b is accepted: the agent holds the listener, a and b
     ch = listen(a, 2)
     a.transport.send(p.encode_json(K.OPEN, 2, {"op": "exec", "argv": ["sleep", "30"]}))
     kind, payload = next_frame(a, ch)
@@ -846,6 +897,7 @@ def test_background_survives_disconnect_and_another_client_waits(
     h = a.exec(["sh", "-c", f'while [ ! -e "{flag}" ]; do sleep 0.01; done; '
                             "echo out; echo err >&2; exit 3"], background=True)
     assert isinstance(h, ProcessHandle)
+    assert b.ping()  # b is accepted too
     assert socket_fds(unix_agent.proc.pid) == 3  # the listener, a and b
     a.close()
     wait_for(lambda: socket_fds(unix_agent.proc.pid) == 2, what="the agent to drop a")
@@ -912,6 +964,11 @@ def _substitute(obj: Any, tmp: str) -> Any:
 
 garbage_bytes = st.one_of(
     st.binary(min_size=1, max_size=300),
+    st.builds(bad_crc_header, st.sampled_from(sorted(K.ALL)), EVEN_CHANNELS,
+              st.integers(0, p.MAX_PAYLOAD)),
+    st.builds(flip_header_bit, st.builds(p.encode, st.sampled_from(sorted(K.ALL)),
+                                         EVEN_CHANNELS, st.binary(max_size=40)),
+              st.integers(16, p.HEADER_SIZE * 8 - 1)),
     st.binary(max_size=14).map(lambda b: p.MAGIC + b),  # a header cut short
     st.just(p.MAGIC[:1]),
 )

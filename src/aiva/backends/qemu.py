@@ -1,0 +1,333 @@
+"""Sandboxes as QEMU ``microvm`` VMs: hardware isolation, the same agent as containers.
+
+Each VM lives in ``AIVA_HOME/vms/<id>/``: ``launch.json`` (the QEMU command), the
+per-VM data disk (qcow2, survives stop/start), the console log, and the sockets. The
+kernel, initramfs and the read-only system image are shared by every VM of a template
+(``aiva.vm.artifacts``). A supervisor process (``aiva.vm.supervisor``) owns QEMU and
+serves the agent on ``agent.sock``, so exec and file calls work exactly as for Docker.
+
+KVM is used only where a bounded probe shows it can boot the kernel; otherwise TCG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiva import paths
+from aiva.agent_client import AgentClient, Transport, connect_unix
+from aiva.backends.base import Backend, LogLine, Observed
+from aiva.config import aiva_home, load_config
+from aiva.errors import AgentError, BackendError, BackendUnavailable
+from aiva.models import SandboxInfo, State
+from aiva.vm.kernel import tcg_kernel_args
+
+QEMU = "qemu-system-x86_64"
+SOCKET_NAME = "agent.sock"
+BOOT_TIMEOUT = 120.0  # TCG on a busy 2-core host can be slow; a hang still ends here
+KVM_PROBE_TIMEOUT = 15.0
+
+
+def vm_dir(sb: SandboxInfo) -> Path:
+    return aiva_home() / "vms" / sb.id
+
+
+def _pid_alive(pid: int | None, marker: str) -> bool:
+    """True if ``pid`` runs and is ours (its command line names our VM directory)."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return marker.encode() in cmdline
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+
+    def check(self) -> None:
+        if shutil.which(QEMU) is None:
+            raise BackendUnavailable(
+                "QEMU is not installed",
+                hint="install it: `sudo apt-get install qemu-system-x86 qemu-utils`",
+            )
+
+    # ------------------------------------------------------------------ accel
+
+    def accel(self, kernel: Path, initramfs: Path) -> str:
+        """``kvm`` if configured or if a bounded probe boots the kernel under KVM, else ``tcg``."""
+        wanted = load_config().platform.linux.accel
+        if wanted != "auto":
+            return wanted
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return "tcg"
+        cache = paths.cache_dir() / "vm" / "accel.json"
+        key = f"{kernel.name}:{os.stat(kernel).st_mtime_ns}"
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if key not in known:
+            known[key] = "kvm" if _kvm_boots(kernel, initramfs) else "tcg"
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known))
+        return str(known[key])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def create(self, sb: SandboxInfo) -> dict[str, Any]:
+        from aiva.vm import artifacts, disks
+
+        self.check()
+        art = artifacts.ensure_vm_artifacts(_template(sb))
+        d = vm_dir(sb)
+        d.mkdir(parents=True, exist_ok=True)
+        data = d / "data.qcow2"
+        if not data.exists():
+            disks.create_data_disk(data, sb.spec.disk)
+        return {
+            "vm_dir": str(d),
+            "kernel": str(art.kernel),
+            "initramfs": str(art.initramfs),
+            "rootfs": str(art.rootfs),
+            "data_disk": str(data),
+            "agent_socket": str(paths.run_dir(sb.id) / SOCKET_NAME),
+        }
+
+    def start(self, sb: SandboxInfo) -> dict[str, Any]:
+        self.check()
+        d, run = vm_dir(sb), paths.run_dir(sb.id)
+        run.mkdir(parents=True, exist_ok=True)
+        for stale in ("exit.json", "qemu.pid"):
+            (d / stale).unlink(missing_ok=True)
+        rt = sb.runtime
+        accel = self.accel(Path(rt["kernel"]), Path(rt["initramfs"]))
+        argv = _qemu_argv(sb, accel, run)
+        launch = {"argv": argv, "console": str(run / "console.sock"),
+                  "agent_upstream": str(run / "agent-up.sock"),
+                  "agent_listen": str(run / SOCKET_NAME)}
+        (d / "launch.json").write_text(json.dumps(launch, indent=1))
+        with (d / "supervisor.log").open("ab") as log:
+            sup = subprocess.Popen([sys.executable, "-m", "aiva.vm.supervisor", str(d)],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   start_new_session=True, close_fds=True)
+        (d / "supervisor.pid").write_text(str(sup.pid))
+        marker = str(d)
+        started = time.monotonic()
+        try:
+            client = AgentClient(connect_unix(
+                str(run / SOCKET_NAME), timeout=BOOT_TIMEOUT,
+                alive=lambda: sup.poll() is None and not (d / "exit.json").exists()))
+            client.ping(timeout=BOOT_TIMEOUT)
+            client.close()
+        except AgentError as exc:
+            self._kill(sb)
+            raise BackendError(
+                f"the VM {sb.name} did not come up: {self._why(sb) or exc}",
+                hint=f"see `aiva logs {sb.name}` and {d}/qemu.log",
+            ) from None
+        return {"accel": accel, "supervisor_pid": sup.pid,
+                "qemu_pid": _read_pid(d / "qemu.pid"), "vm_marker": marker,
+                "boot_seconds": round(time.monotonic() - started, 3),
+                "started_at": datetime.now(UTC).isoformat()}
+
+    def stop(self, sb: SandboxInfo, *, force: bool = False, timeout: float = 10.0) -> None:
+        d = vm_dir(sb)
+        if not force and self._running(sb):
+            try:
+                if self._qmp_status(sb) == "paused":
+                    self._qmp(sb, "cont")
+                client = AgentClient(self.connect_agent(sb, timeout=5))
+                client.call("sys.shutdown", timeout=5)
+                client.close()
+            except Exception:
+                pass  # fall through to the hard stop
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not (d / "exit.json").exists():
+                time.sleep(0.05)
+        self._kill(sb)
+
+    def pause(self, sb: SandboxInfo) -> None:
+        self._qmp(sb, "stop")
+
+    def resume(self, sb: SandboxInfo) -> None:
+        self._qmp(sb, "cont")
+
+    def delete(self, sb: SandboxInfo, *, volumes: bool = False) -> None:
+        self._kill(sb)
+        d = vm_dir(sb)
+        shutil.rmtree(paths.run_dir(sb.id), ignore_errors=True)
+        if volumes:
+            shutil.rmtree(d, ignore_errors=True)
+        elif d.exists():  # keep only the data disk, as Docker keeps the volume
+            for child in d.iterdir():
+                if child.name != "data.qcow2":
+                    child.unlink(missing_ok=True) if child.is_file() else shutil.rmtree(child)
+
+    def observe(self, sb: SandboxInfo) -> Observed:
+        d = vm_dir(sb)
+        exit_file = d / "exit.json"
+        if exit_file.exists():
+            info = json.loads(exit_file.read_text())
+            code = info.get("code")
+            reason = info.get("reason") or f"the VM exited (QEMU status {code})"
+            return Observed(State.STOPPED, reason, 0 if code == 0 else (code or 1))
+        if not self._running(sb):
+            if not d.exists():
+                return Observed(None, "the VM's files were removed outside aiva")
+            if sb.state in (State.STOPPED, State.CREATING):
+                return Observed(State.STOPPED)
+            return Observed(State.ERROR, "the VM's supervisor died without a word")
+        try:
+            status = self._qmp_status(sb)
+        except BackendError:
+            return Observed(State.RUNNING)  # booting: QMP not up yet
+        return Observed(State.PAUSED if status == "paused" else State.RUNNING)
+
+    def connect_agent(self, sb: SandboxInfo, *, timeout: float = 10.0) -> Transport:
+        return connect_unix(str(paths.run_dir(sb.id) / SOCKET_NAME), timeout=timeout)
+
+    def engine_logs(self, sb: SandboxInfo, *, tail: int | None = None,
+                    follow: bool = False) -> Iterator[LogLine]:
+        from aiva.logs import read_jsonl
+
+        path = vm_dir(sb) / "console.jsonl"
+        yield from read_jsonl(path, tail=tail, source="engine")
+        if follow:
+            from aiva.logs import follow_jsonl
+
+            yield from follow_jsonl(path, source="engine")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _running(self, sb: SandboxInfo) -> bool:
+        d = vm_dir(sb)
+        return _pid_alive(_read_pid(d / "supervisor.pid"), str(d))
+
+    def _kill(self, sb: SandboxInfo) -> None:
+        """Hard stop: QEMU first (the supervisor then records the exit and leaves)."""
+        d = vm_dir(sb)
+        qemu_pid = _read_pid(d / "qemu.pid")
+        sup_pid = _read_pid(d / "supervisor.pid")
+        for pid in (qemu_pid, sup_pid):
+            if pid and _pid_alive(pid, str(d) if pid == sup_pid else sb.id[:12]):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self._running(sb):
+            time.sleep(0.02)
+        if sup_pid:
+            try:
+                os.waitpid(sup_pid, os.WNOHANG)  # reap if it was our child
+            except ChildProcessError:
+                pass
+
+    def _why(self, sb: SandboxInfo) -> str:
+        lines = [line.text for line in self.engine_logs(sb, tail=20)]
+        errors = [line for line in lines if "AIVA-INIT-ERROR" in line]
+        if errors:
+            return errors[-1]
+        try:
+            qlog = (vm_dir(sb) / "qemu.log").read_text(errors="replace").strip()
+        except OSError:
+            qlog = ""
+        return qlog.splitlines()[-1] if qlog else ""
+
+    def _qmp(self, sb: SandboxInfo, cmd: str, **args: Any) -> Any:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        sock = str(paths.run_dir(sb.id) / "qmp.sock")
+        qmp = QEMUMonitorProtocol(sock)
+        try:
+            qmp.connect()
+            reply = qmp.cmd_raw(cmd, args or None)
+        except (OSError, Exception) as exc:
+            raise BackendError(f"QEMU of {sb.name} did not answer '{cmd}': {exc}") from exc
+        finally:
+            qmp.close()
+        if "error" in reply:
+            raise BackendError(f"QEMU refused '{cmd}': {reply['error'].get('desc')}")
+        return reply.get("return")
+
+    def _qmp_status(self, sb: SandboxInfo) -> str:
+        return str(self._qmp(sb, "query-status")["status"])
+
+
+def _template(sb: SandboxInfo) -> str:
+    if sb.spec.template:
+        return sb.spec.template
+    image = sb.spec.image
+    if image.startswith("aiva/"):
+        return image.removeprefix("aiva/").split(":")[0]
+    return image
+
+
+def _qemu_argv(sb: SandboxInfo, accel: str, run: Path) -> list[str]:
+    rt, spec = sb.runtime, sb.spec
+    mem_mib = max(128, spec.memory >> 20)
+    cpus = max(1, min(int(spec.cpus), os.cpu_count() or 1))
+    cmdline = " ".join([
+        "console=ttyS0 quiet panic=-1 pci=off",
+        "aiva.root=/dev/vda aiva.data=/dev/vdb",
+        f"aiva.hostname={_hostname(sb.name)}",
+        # under TCG microvm's PIT cannot calibrate the TSC: give the kernel its rate
+        *(tcg_kernel_args() if accel == "tcg" else []),
+    ])
+    return [
+        QEMU, "-name", f"aiva-{sb.name},process=aiva-{sb.id[:12]}",
+        "-M", "microvm", "-accel", accel, "-m", str(mem_mib), "-smp", str(cpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-kernel", rt["kernel"], "-initrd", rt["initramfs"], "-append", cmdline,
+        "-drive", f"id=root,file={rt['rootfs']},format=raw,if=none,readonly=on",
+        "-device", "virtio-blk-device,drive=root",
+        "-drive", f"id=data,file={rt['data_disk']},format=qcow2,if=none,cache=writeback",
+        "-device", "virtio-blk-device,drive=data",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={run}/agent-up.sock,server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=aiva.agent",
+        "-chardev", f"socket,id=con,path={run}/console.sock,server=on,wait=off",
+        "-serial", "chardev:con",
+        "-qmp", f"unix:{run}/qmp.sock,server=on,wait=off",
+        "-pidfile", str(Path(rt["vm_dir"]) / "qemu.pid"),
+    ]
+
+
+def _hostname(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name)[:63]
+
+
+def _kvm_boots(kernel: Path, initramfs: Path) -> bool:
+    """Boot the kernel under KVM with no disks: reaching /init (which then fails to find
+    its disks and says so) proves KVM can run it. Bounded, never a hang."""
+    proc = subprocess.Popen(
+        [QEMU, "-M", "microvm", "-accel", "kvm", "-m", "256", "-nodefaults",
+         "-no-user-config", "-nographic", "-no-reboot", "-kernel", str(kernel),
+         "-initrd", str(initramfs), "-append", "console=ttyS0 aiva.root=/dev/none",
+         "-serial", "stdio"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        out, _ = proc.communicate(timeout=KVM_PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
+    return b"AIVA-INIT" in out

@@ -1,0 +1,189 @@
+#!/bin/sh
+# aiva microVM /init (busybox sh, in the initramfs). Contract with the QEMU backend:
+#   kernel cmdline  aiva.root=/dev/vda         read-only ext4 system image (required)
+#                   aiva.data=/dev/vdb         read-write ext4 data disk (else a tmpfs)
+#                   aiva.ip=ADDR/PREFIX[,GW]   static address on eth0 (optional)
+#                   aiva.hostname=NAME         (optional)
+#   root = overlay(lower=/.aiva/lower ro, upper=/.aiva/data/upper); /.aiva is a tmpfs
+#   holding bin/busybox, agent/, run/stage2.sh; the agent serves the virtio-serial port
+#   named "aiva.agent" and, when it exits, the VM syncs, remounts ro and powers off.
+#   Any failure prints one "AIVA-INIT-ERROR: ..." line and powers off: never a shell.
+PATH=/bin
+export PATH
+umask 022
+
+# Power off; without ACPI (microvm,acpi=off) that only halts, so reboot instead and let
+# QEMU's -no-reboot end the process.
+off() {
+    [ -d /sys/firmware/acpi ] && poweroff -f
+    reboot -f
+}
+
+fail() {
+    echo "AIVA-INIT-ERROR: $*"
+    sync
+    off
+    exit 1
+}
+
+# wait_for PATH SECONDS: devices appear as their drivers probe; bounded, never a hang
+wait_for() {
+    n=0
+    while [ ! -e "$1" ]; do
+        n=$((n + 1))
+        [ "$n" -gt $(($2 * 50)) ] && return 1
+        usleep 20000
+    done
+}
+
+mount -t proc proc /proc || fail "cannot mount /proc"
+mount -t sysfs sysfs /sys || fail "cannot mount /sys"
+mount -t devtmpfs devtmpfs /dev || fail "cannot mount devtmpfs"
+
+cmdline=$(cat /proc/cmdline)
+root="" data="" ip="" name=""
+for arg in $cmdline; do
+    case "$arg" in
+        aiva.root=*) root=${arg#*=} ;;
+        aiva.data=*) data=${arg#*=} ;;
+        aiva.ip=*) ip=${arg#*=} ;;
+        aiva.hostname=*) name=${arg#*=} ;;
+    esac
+done
+case "$name" in *[!A-Za-z0-9.-]*) fail "bad aiva.hostname=$name" ;; esac
+
+# modules, dependencies first; "mod.key=value" on the cmdline becomes a parameter
+while read -r ko; do
+    mod=${ko##*/}
+    mod=${mod%.ko}
+    params=""
+    for arg in $cmdline; do
+        case "$arg" in "$mod".*) params="$params ${arg#"$mod".}" ;; esac
+    done
+    # shellcheck disable=SC2086
+    insmod "$ko" $params || fail "insmod $mod failed"
+done </aiva/modules
+
+[ -n "$root" ] || fail "no aiva.root= on the kernel command line"
+wait_for "$root" 5 || fail "root device $root not found"
+mount -t ext4 -o ro "$root" /lower || fail "cannot mount $root (ext4, read-only)"
+if [ -n "$data" ]; then
+    wait_for "$data" 5 || fail "data device $data not found"
+    mount -t ext4 -o rw,noatime "$data" /data || fail "cannot mount $data (ext4)"
+else
+    mount -t tmpfs -o mode=0755 data /data || fail "cannot mount a tmpfs for data"
+fi
+mkdir -p /data/upper /data/work || fail "cannot make the overlay dirs on $data"
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/data/upper,workdir=/data/work \
+    /newroot || fail "cannot mount the overlay root"
+
+a=/newroot/.aiva
+mkdir -p "$a" /newroot/proc /newroot/sys /newroot/dev /newroot/tmp /newroot/run \
+    /newroot/workspace || fail "cannot make the root's directories"
+mount -t tmpfs -o mode=0755,nosuid,nodev aiva "$a" || fail "cannot mount a tmpfs at /.aiva"
+mkdir -p "$a/bin" "$a/run" "$a/agent" "$a/data" "$a/lower"
+cp /bin/busybox "$a/bin/busybox" || fail "cannot copy busybox into the root"
+cp /aiva/agent/* "$a/agent/" || fail "cannot copy the agent into the root"
+mount --move /data "$a/data" || fail "cannot move the data disk"
+mount --move /lower "$a/lower" || fail "cannot move the system image"
+
+ip link set lo up
+if [ -n "$ip" ]; then
+    addr=${ip%%,*}
+    gw=""
+    case "$ip" in *,*) gw=${ip#*,} ;; esac
+    wait_for /sys/class/net/eth0 5 || fail "aiva.ip given but there is no eth0"
+    ip addr add "$addr" dev eth0 || fail "bad aiva.ip address $addr"
+    ip link set eth0 up || fail "cannot bring eth0 up"
+    if [ -n "$gw" ]; then
+        ip route add default via "$gw" || fail "bad aiva.ip gateway $gw"
+    fi
+fi
+
+# the agent's port: the virtio-serial port QEMU named aiva.agent
+port=""
+n=0
+while [ -z "$port" ]; do
+    for f in /sys/class/virtio-ports/*/name; do
+        [ -r "$f" ] && [ "$(cat "$f")" = aiva.agent ] && port=${f%/name} && port=${port##*/}
+    done
+    [ -n "$port" ] && break
+    n=$((n + 1))
+    [ "$n" -gt 250 ] && fail "no virtio-serial port named aiva.agent"
+    usleep 20000
+done
+if [ ! -c "/dev/$port" ]; then
+    devno=$(cat "/sys/class/virtio-ports/$port/dev")
+    mknod "/dev/$port" c "${devno%%:*}" "${devno##*:}" || fail "cannot make /dev/$port"
+fi
+mkdir -p /dev/virtio-ports && ln -sf "../$port" /dev/virtio-ports/aiva.agent
+mount --move /dev /newroot/dev || fail "cannot move /dev into the root"
+
+{
+    echo "PORT=$port"
+    echo "NAME=$name"
+    cat <<'STAGE2'
+# stage 2: PID 1 in the real root. Runs the agent, then shuts down cleanly.
+bb=/.aiva/bin/busybox
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+
+halt_now() {
+    $bb kill -TERM -1 2>/dev/null
+    n=0
+    until $bb mount -o remount,ro / 2>/dev/null; do  # busy while something still writes
+        n=$((n + 1))
+        [ "$n" -eq 25 ] && $bb kill -KILL -1 2>/dev/null
+        [ "$n" -gt 50 ] && break
+        $bb usleep 40000
+    done
+    $bb sync
+    $bb mount -o remount,ro /.aiva/data 2>/dev/null || echo "AIVA-INIT-ERROR: data disk still busy"
+    $bb sync
+    [ -d /sys/firmware/acpi ] && $bb poweroff -f
+    $bb reboot -f
+}
+
+fail() {
+    echo "AIVA-INIT-ERROR: $*"
+    halt_now
+}
+
+$bb mount -t proc -o nosuid,nodev,noexec proc /proc || fail "cannot mount /proc"
+$bb mount -t sysfs -o nosuid,nodev,noexec sysfs /sys || fail "cannot mount /sys"
+$bb mkdir -p /dev/pts /dev/shm
+$bb mount -t devpts -o nosuid,noexec,gid=5,mode=620,ptmxmode=666 devpts /dev/pts ||
+    fail "cannot mount /dev/pts"
+$bb mount -t tmpfs -o nosuid,nodev,mode=1777 shm /dev/shm || fail "cannot mount /dev/shm"
+$bb mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp || fail "cannot mount /tmp"
+$bb mount -t tmpfs -o nosuid,nodev,mode=0755 run /run || fail "cannot mount /run"
+[ -n "$NAME" ] && $bb hostname "$NAME"
+command -v python3 >/dev/null || fail "no python3 in the system image"
+
+# The agent reads EOF from a port whose host side is not connected yet, and exits on
+# EOF; so start it only once the host holds the socket (debugfs shows that state).
+if $bb mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
+    state=/sys/kernel/debug/virtio-ports/$PORT
+    while [ -r "$state" ]; do
+        up=0
+        while read -r key value; do
+            [ "$key" = host_connected: ] && up=$value
+        done <"$state"
+        [ "$up" = 1 ] && break
+        $bb usleep 20000
+    done
+    $bb umount /sys/kernel/debug
+fi
+
+echo AIVA-AGENT-START
+cd / || fail "no /"
+$bb env -i PATH="$PATH" HOME=/root TERM=linux LANG=C.UTF-8 \
+    python3 -B /.aiva/agent --device "/dev/$PORT" </dev/null
+halt_now
+STAGE2
+} >"$a/run/stage2.sh" || fail "cannot write stage2"
+
+umount /proc /sys
+# switch_root must run as PID 1, so it is exec'd: were it to fail, init would exit and
+# the kernel panic (run with panic=-1 and -no-reboot, so the VM still ends)
+# shellcheck disable=SC2093
+exec switch_root /newroot /.aiva/bin/busybox sh /.aiva/run/stage2.sh

@@ -1,0 +1,76 @@
+"""MicroVMs on real QEMU (TCG here): few boots, each doing as much as it can."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiva import errors
+from aiva.config import aiva_home
+from aiva.models import State
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def qemu_ready(docker_ok: Any) -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs QEMU: scripts/setup.sh installs qemu-system-x86")
+        pytest.skip("qemu-system-x86_64 is not installed")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmd:
+            found.append(int(pid))
+    return found
+
+
+def test_vm_lifecycle_keeps_data_and_leaves_nothing(qemu_ready: None, engine: Any,
+                                                    make_sandbox: Any) -> None:
+    sb = make_sandbox(backend="qemu", template="minimal", memory="512MB", disk="1GB")
+    info = sb.status()
+    assert info.state == State.RUNNING
+    assert info.runtime["accel"] in ("tcg", "kvm")
+    print(f"boot to agent: {info.runtime['boot_seconds']} s ({info.runtime['accel']})")
+
+    r = sb.commands.run("echo $((6*7)); uname -r; echo err >&2")
+    assert r.exit_code == 0 and r.stdout.startswith("42\n") and r.stderr == "err\n"
+    assert sb.commands.run(["python3", "-c", "print('in a vm')"]).stdout == "in a vm\n"
+    sb.files.write("/workspace/keep.txt", "survives a reboot")
+    assert sb.files.read("/workspace/keep.txt") == "survives a reboot"
+    with pytest.raises(errors.SandboxFileNotFound):
+        sb.files.read("/workspace/none")
+
+    sb.pause()
+    assert sb.status().state == State.PAUSED
+    sb.resume()
+    assert sb.commands.run("true").exit_code == 0
+
+    sb.stop()
+    assert sb.status().state == State.STOPPED
+    vm_dir = aiva_home() / "vms" / sb.id
+    assert (vm_dir / "exit.json").exists()
+    assert not _processes_mentioning(str(vm_dir))
+
+    sb.start()
+    assert sb.files.read("/workspace/keep.txt") == "survives a reboot"
+    assert any(line.source == "engine" for line in sb.logs())
+
+    sb_id = sb.id
+    engine.delete(sb.name, volumes=True)
+    assert not (aiva_home() / "vms" / sb_id).exists()
+    assert not (aiva_home() / "run" / sb_id[:12]).exists()
+    assert not _processes_mentioning(sb_id[:12])
