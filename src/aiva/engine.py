@@ -21,7 +21,7 @@ from aiva.agent_client import AgentClient, ExecResult, OutputCallback, ProcessHa
 from aiva.backends import detect_backend, make_backend
 from aiva.backends.base import Backend, LogLine
 from aiva.config import Config, aiva_home, load_config, parse_size
-from aiva.errors import AivaError, InvalidValue, SandboxNotFound
+from aiva.errors import AivaError, InvalidTransition, InvalidValue, SandboxNotFound
 from aiva.logs import CommandLog, follow_command_log, merge, read_command_log
 from aiva.models import (
     PortSpec,
@@ -30,6 +30,8 @@ from aiva.models import (
     State,
     check_action,
     check_name,
+    check_tag,
+    utcnow,
 )
 from aiva.store import Store
 
@@ -169,7 +171,11 @@ class Engine:
     def delete(self, name: str, *, volumes: bool = False) -> None:
         sb = self.get(name)
         self._drop_agent(sb)
-        self._backend_of(sb).delete(sb, volumes=volumes)
+        backend = self._backend_of(sb)
+        backend.delete(sb, volumes=volumes)
+        if volumes:
+            backend.delete_snapshots(sb, self.store.snapshots(sb.id))
+            self.store.remove_snapshots(sb.id)
         self.store.remove(sb.id)
         self.store.record("deleted", sb, volumes=volumes)
         log = self._cmdlogs.pop(sb.id, None)
@@ -177,6 +183,59 @@ class Engine:
             log.close()
         shutil.rmtree(paths.logs_dir(sb.id), ignore_errors=True)
         shutil.rmtree(aiva_home() / "sync" / sb.id, ignore_errors=True)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, name: str, tag: str | None = None) -> dict[str, Any]:
+        """Save a running or stopped sandbox under ``tag`` (default: a timestamp)."""
+        sb = self.reconcile(self.get(name))
+        if sb.state not in (State.RUNNING, State.STOPPED):
+            raise InvalidTransition(name, sb.state.value, "snapshot",
+                                    "snapshot a running or a stopped sandbox")
+        tag = check_tag(tag or utcnow().strftime("s%Y%m%d-%H%M%S"))
+        data = self._backend_of(sb).snapshot(sb, tag)
+        record = self.store.add_snapshot(sb, tag, data)
+        self.store.record("snapshot", sb, tag=tag, memory=data.get("memory", False))
+        return record
+
+    def snapshots(self, name: str) -> list[dict[str, Any]]:
+        return self.store.snapshots(self.get(name).id)
+
+    def _find_snapshot(self, sb: SandboxInfo, tag: str) -> dict[str, Any]:
+        for snap in self.store.snapshots(sb.id):
+            if snap["tag"] == tag:
+                return snap
+        raise InvalidValue(f"sandbox '{sb.name}' has no snapshot '{tag}'",
+                           hint=f"list them with `aiva snapshot {sb.name} --list`")
+
+    def restore(self, name: str, tag: str) -> SandboxInfo:
+        """Put a sandbox back to a snapshot, in place."""
+        sb = self.reconcile(self.get(name))
+        if sb.state not in (State.RUNNING, State.STOPPED):
+            raise InvalidTransition(name, sb.state.value, "restore",
+                                    "restore a running or a stopped sandbox")
+        snap = self._find_snapshot(sb, tag)
+        self._drop_agent(sb)
+        runtime = self._backend_of(sb).restore(sb, tag, snap)
+        sb = self.store.update(name, runtime=runtime)
+        self.store.record("restored", sb, tag=tag, memory=snap.get("memory", False))
+        return sb
+
+    def fork(self, name: str, source: str, tag: str) -> SandboxInfo:
+        """A new sandbox started from ``source``'s snapshot ``tag``."""
+        src = self.get(source)
+        snap = self._find_snapshot(src, tag)
+        sb = self.store.add(SandboxInfo(name=check_name(name), spec=src.spec.model_copy()))
+        backend = self._backend_of(sb)
+        try:
+            runtime = backend.create_from_snapshot(sb, src, tag, snap)
+        except BaseException:
+            self.store.remove(sb.id)
+            raise
+        sb = self.store.update(name, runtime=runtime)
+        self.store.record("created", sb, image=sb.spec.image, backend=backend.name,
+                          from_snapshot=f"{source}:{tag}")
+        return self._boot(sb)
 
     def get(self, name: str) -> SandboxInfo:
         return self.store.get(name)

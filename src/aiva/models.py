@@ -34,6 +34,13 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_tag(tag: str) -> str:
+    if not _NAME.match(tag):
+        raise InvalidValue(f"'{tag}' is not a valid snapshot tag",
+                           hint="use letters, digits, '_', '.', '-'")
+    return tag
+
+
 class State(StrEnum):
     CREATING = "creating"
     RUNNING = "running"

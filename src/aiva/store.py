@@ -39,6 +39,13 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_sandbox ON events (sandbox_id, id);
+CREATE TABLE IF NOT EXISTS snapshots (
+    sandbox_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (sandbox_id, tag)
+);
 """
 
 
@@ -170,6 +177,25 @@ class Store:
     def remove(self, sandbox_id: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
+
+    # ------------------------------------------------------------------ snapshots
+
+    def add_snapshot(self, sb: SandboxInfo, tag: str, data: dict[str, Any]) -> dict[str, Any]:
+        record = {"tag": tag, "sandbox": sb.name, "created_at": utcnow().isoformat(), **data}
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO snapshots VALUES (?,?,?,?)",
+                       (sb.id, tag, record["created_at"], json.dumps(record)))
+        return record
+
+    def snapshots(self, sandbox_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT data FROM snapshots WHERE sandbox_id = ? ORDER BY created_at",
+            (sandbox_id,)).fetchall()
+        return [json.loads(r["data"]) for r in rows]
+
+    def remove_snapshots(self, sandbox_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM snapshots WHERE sandbox_id = ?", (sandbox_id,))
 
     # ------------------------------------------------------------------ events
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -38,6 +39,21 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+SLEEPERS = ["python3", "-c", (
+    "import glob, json\n"
+    "args = []\n"
+    "for p in glob.glob('/proc/[0-9]*/cmdline'):\n"
+    "    try: cmd = open(p, 'rb').read().split(b'\\0')\n"
+    "    except OSError: continue\n"
+    "    if cmd[0] == b'sleep': args.append(cmd[1].decode())\n"
+    "print(json.dumps(sorted(args)))\n")]
+
+
+def sleepers(sb: Any) -> list[str]:
+    """The argument of every `sleep` running in the guest (pids get reused on restore)."""
+    return list(json.loads(sb.commands.run(SLEEPERS).stdout))
+
+
 def test_vm_lifecycle_keeps_data_and_leaves_nothing(qemu_ready: None, engine: Any,
                                                     make_sandbox: Any) -> None:
     sb = make_sandbox(backend="qemu", template="minimal", memory="512MB", disk="1GB")
@@ -68,6 +84,31 @@ def test_vm_lifecycle_keeps_data_and_leaves_nothing(qemu_ready: None, engine: An
     sb.start()
     assert sb.files.read("/workspace/keep.txt") == "survives a reboot"
     assert any(line.source == "engine" for line in sb.logs())
+
+    # snapshot with a process running; then change a file, kill it, start another
+    sleeper = sb.commands.run("sleep 1000", background=True)
+    snap = sb.snapshot("s1")
+    assert snap["memory"] is True
+    sb.files.write("/workspace/keep.txt", "changed after the snapshot")
+    sb.commands.kill(sleeper.pid)
+    sb.commands.run("sleep 2000", background=True)
+    assert sleepers(sb) == ["2000"]
+
+    sb.restore("s1")
+    assert sb.files.read("/workspace/keep.txt") == "survives a reboot"
+    assert sleepers(sb) == ["1000"], "the process from before the snapshot is not back"
+    assert [x["tag"] for x in sb.snapshots()] == ["s1"]
+
+    from aiva.sdk import Sandbox
+
+    fork = Sandbox.from_snapshot(sb.name, "s1", engine=engine)
+    try:
+        assert fork.files.read("/workspace/keep.txt") == "survives a reboot"
+        assert sleepers(fork) == ["1000"]
+        fork.files.write("/workspace/keep.txt", "only in the fork")
+        assert sb.files.read("/workspace/keep.txt") == "survives a reboot"
+    finally:
+        engine.delete(fork.name, volumes=True)
 
     sb_id = sb.id
     engine.delete(sb.name, volumes=True)

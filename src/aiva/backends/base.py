@@ -74,6 +74,24 @@ class Backend(ABC):
                     follow: bool = False) -> Iterator[LogLine]:
         """The engine's own log of the sandbox (container output, VM console)."""
 
+    def snapshot(self, sb: SandboxInfo, tag: str) -> dict[str, Any]:
+        """Save the sandbox under ``tag``; returns what to remember (``memory``: whether
+        processes come back alive on restore)."""
+        raise NotImplementedError(f"the {self.name} backend cannot take snapshots")
+
+    def restore(self, sb: SandboxInfo, tag: str, snap: dict[str, Any]) -> dict[str, Any]:
+        """Put the sandbox back to ``tag`` in place; returns runtime facts to store."""
+        raise NotImplementedError(f"the {self.name} backend cannot restore snapshots")
+
+    def create_from_snapshot(self, sb: SandboxInfo, source: SandboxInfo, tag: str,
+                             snap: dict[str, Any]) -> dict[str, Any]:
+        """Like :meth:`create`, with the disk (and memory) of ``source`` at ``tag``."""
+        raise NotImplementedError(f"the {self.name} backend cannot fork snapshots")
+
+    def delete_snapshots(self, sb: SandboxInfo, snaps: list[dict[str, Any]]) -> None:
+        """Remove what the snapshots hold outside the sandbox's own disk."""
+        return None  # engines that keep snapshots inside the disk have nothing to do
+
     def update_resources(self, sb: SandboxInfo) -> None:
         """Apply changed cpus / memory / pids limits; engines that cannot, say so."""
         raise NotImplementedError(f"the {self.name} backend cannot change limits live")

@@ -120,6 +120,8 @@ class QemuBackend(Backend):
         rt = sb.runtime
         accel = self.accel(Path(rt["kernel"]), Path(rt["initramfs"]))
         argv = _qemu_argv(sb, accel, run)
+        if rt.get("pending_loadvm"):  # a restored or forked VM resumes its saved memory
+            argv += ["-loadvm", rt["pending_loadvm"]]
         launch = {"argv": argv, "console": str(run / "console.sock"),
                   "agent_upstream": str(run / "agent-up.sock"),
                   "agent_listen": str(run / SOCKET_NAME)}
@@ -143,7 +145,7 @@ class QemuBackend(Backend):
                 f"the VM {sb.name} did not come up: {self._why(sb) or exc}",
                 hint=f"see `aiva logs {sb.name}` and {d}/qemu.log",
             ) from None
-        return {"accel": accel, "supervisor_pid": sup.pid,
+        return {"accel": accel, "supervisor_pid": sup.pid, "pending_loadvm": None,
                 "qemu_pid": _read_pid(d / "qemu.pid"), "vm_marker": marker,
                 "boot_seconds": round(time.monotonic() - started, 3),
                 "started_at": datetime.now(UTC).isoformat()}
@@ -215,6 +217,56 @@ class QemuBackend(Backend):
 
             yield from follow_jsonl(path, source="engine")
 
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, sb: SandboxInfo, tag: str) -> dict[str, Any]:
+        """Running: ``savevm`` (disk and memory, inside the data disk's qcow2);
+        stopped: a disk-only internal snapshot."""
+        if self._running(sb):
+            started = time.monotonic()
+            self._hmp(sb, f"savevm {tag}")
+            return {"memory": True, "seconds": round(time.monotonic() - started, 3)}
+        _qemu_img("snapshot", "-c", tag, sb.runtime["data_disk"])
+        return {"memory": False}
+
+    def restore(self, sb: SandboxInfo, tag: str, snap: dict[str, Any]) -> dict[str, Any]:
+        if self._running(sb) and snap.get("memory"):
+            self._hmp(sb, f"loadvm {tag}")  # in place: its processes go on from the save
+            return {}
+        was_running = self._running(sb)
+        if was_running:
+            self._kill(sb)
+        _qemu_img("snapshot", "-a", tag, sb.runtime["data_disk"])
+        runtime: dict[str, Any] = {"pending_loadvm": tag if snap.get("memory") else None}
+        if was_running:
+            runtime |= self.start(sb.model_copy(update={"runtime": sb.runtime | runtime}))
+        return runtime
+
+    def create_from_snapshot(self, sb: SandboxInfo, source: SandboxInfo, tag: str,
+                             snap: dict[str, Any]) -> dict[str, Any]:
+        """A new VM with a copy of the source's data disk, resumed from ``tag``."""
+        runtime = self.create(sb)
+        data = Path(runtime["data_disk"])
+        paused = self._running(source) and self._qmp_status(source) == "running"
+        if paused:
+            self._qmp(source, "stop")  # drains and flushes the disk, so the copy is whole
+        try:
+            shutil.copyfile(source.runtime["data_disk"], data)
+        finally:
+            if paused:
+                self._qmp(source, "cont")
+        if snap.get("memory"):
+            runtime["pending_loadvm"] = tag
+        else:
+            _qemu_img("snapshot", "-a", tag, str(data))
+        return runtime
+
+    def _hmp(self, sb: SandboxInfo, command: str) -> str:
+        out = str(self._qmp(sb, "human-monitor-command", **{"command-line": command}) or "")
+        if out.strip():  # savevm / loadvm print only on failure
+            raise BackendError(f"QEMU: {command} failed: {out.strip()}")
+        return out
+
     # ------------------------------------------------------------------ helpers
 
     def _running(self, sb: SandboxInfo) -> bool:
@@ -270,6 +322,13 @@ class QemuBackend(Backend):
 
     def _qmp_status(self, sb: SandboxInfo) -> str:
         return str(self._qmp(sb, "query-status")["status"])
+
+
+def _qemu_img(*args: str) -> None:
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BackendError(f"qemu-img {' '.join(args[:2])} failed: {proc.stderr.strip()}",
+                           hint="is qemu-utils installed? is the VM stopped?")
 
 
 def _template(sb: SandboxInfo) -> str:

@@ -102,10 +102,21 @@ def start(
     env: EnvOpt = None,
     label: LabelOpt = None,
     backend: BackendOpt = None,
+    from_snapshot: Annotated[str | None, typer.Option(
+        "--from-snapshot", help="SOURCE:TAG: a new sandbox from a snapshot (fork)")] = None,
 ) -> None:
     """Start a sandbox, creating it first if there is none by that name."""
     engine = _engine()
     given = [template, image, cpus, memory, disk, port, profile, env, label, backend]
+    if from_snapshot:
+        source, sep, tag = from_snapshot.partition(":")
+        if not sep or not source or not tag or any(given):
+            raise InvalidValue("--from-snapshot takes SOURCE:TAG and no other creation option",
+                               hint=f"aiva start {name} --from-snapshot box:s1")
+        with output.status(f"starting {name} from {from_snapshot} ..."):
+            engine.fork(name, source, tag)
+        output.ok(f"{name} is running, forked from {from_snapshot}")
+        return
     if engine.exists(name):
         if any(v for v in given):
             raise InvalidValue(
@@ -121,6 +132,33 @@ def start(
             sb = engine.create(name, spec)
     ports = ", ".join(sb.runtime.get("ports") or [])
     output.ok(f"{sb.name} is running" + (f" (ports {ports})" if ports else ""))
+
+
+@app.command()
+def snapshot(
+    name: str,
+    tag: Annotated[str | None, typer.Argument(help="default: a timestamp")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the snapshots instead")] = False,
+    fmt: Format = output.Fmt.table,
+) -> None:
+    """Save a sandbox: disk and memory on VMs, the filesystem on Docker."""
+    engine = _engine()
+    if list_:
+        output.snapshots(engine.snapshots(name), fmt)
+        return
+    with output.status(f"saving {name} ..."):
+        snap = engine.snapshot(name, tag)
+    what = "disk and memory" if snap.get("memory") else "filesystem only, no processes"
+    output.ok(f"{name}: snapshot {snap['tag']} ({what})")
+
+
+@app.command()
+def restore(name: str, tag: str) -> None:
+    """Put a sandbox back to a snapshot, in place."""
+    with output.status(f"restoring {name} to {tag} ..."):
+        engine = _engine()
+        engine.restore(name, tag)
+    output.ok(f"{name} restored to {tag}")
 
 
 @app.command()

@@ -115,6 +115,19 @@ def sandbox(sb: SandboxInfo, fmt: Fmt) -> None:
     console.print(table)
 
 
+def snapshots(items: list[dict[str, Any]], fmt: Fmt) -> None:
+    if fmt != Fmt.table:
+        _dump(items, fmt)
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("TAG", "CONTENT", "CREATED"):
+        table.add_column(col)
+    for snap in items:
+        table.add_row(snap["tag"], "disk + memory" if snap.get("memory") else "disk",
+                      snap["created_at"][:19])
+    console.print(table)
+
+
 def image_table(items: list[Any], fmt: Fmt) -> None:
     if fmt != Fmt.table:
         _dump([{"tag": i.tag, "id": i.id, "size": i.size, "template": i.template,

@@ -165,6 +165,21 @@ class AsyncSandbox:
 
     kill = destroy
 
+    async def snapshot(self, tag: str | None = None) -> dict[str, Any]:
+        return await asyncio.to_thread(self._sb.snapshot, tag)
+
+    async def restore(self, tag: str) -> None:
+        await asyncio.to_thread(self._sb.restore, tag)
+
+    async def snapshots(self) -> builtins.list[dict[str, Any]]:
+        return await asyncio.to_thread(self._sb.snapshots)
+
+    @classmethod
+    async def from_snapshot(cls, source: str, tag: str, name: str | None = None, *,
+                            engine: Engine | None = None) -> AsyncSandbox:
+        return cls(await asyncio.to_thread(Sandbox.from_snapshot, source, tag, name,
+                                           engine=engine))
+
     async def sync(
         self,
         local: str | Path,

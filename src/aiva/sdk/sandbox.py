@@ -222,6 +222,26 @@ class Sandbox:
 
     kill = destroy
 
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, tag: str | None = None) -> dict[str, Any]:
+        """Save the sandbox (disk and memory on VMs, filesystem on Docker)."""
+        return self._engine.snapshot(self.name, tag)
+
+    def restore(self, tag: str) -> None:
+        self._info = self._engine.restore(self.name, tag)
+
+    def snapshots(self) -> builtins.list[dict[str, Any]]:
+        return self._engine.snapshots(self.name)
+
+    @classmethod
+    def from_snapshot(cls, source: str, tag: str, name: str | None = None, *,
+                      engine: Engine | None = None) -> Sandbox:
+        """A new sandbox started from ``source``'s snapshot (a fork); destroyed on exit."""
+        engine = engine or default_engine()
+        info = engine.fork(name or f"sb-{uuid.uuid4().hex[:8]}", source, tag)
+        return cls(info, engine=engine, owned=True)
+
     # ------------------------------------------------------------------ data & logs
 
     def sync(

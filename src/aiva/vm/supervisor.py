@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,9 @@ class Mux:
 
     def __init__(self, upstream: asyncio.StreamWriter) -> None:
         self.up = upstream
-        self.ids = itertools.count(1, 2)
+        # a guest restored from a snapshot may still hold channels opened before it was
+        # saved: start somewhere random so new ids do not collide with them
+        self.ids = itertools.count(secrets.randbits(30) * 2 + 1, 2)
         self.routes: dict[int, tuple[Client, int]] = {}
 
     async def from_client(self, client: Client, kind: int, chan: int, payload: bytes) -> None:
