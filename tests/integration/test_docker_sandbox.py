@@ -275,3 +275,37 @@ def test_three_sandboxes_run_different_tasks_at_once(make_sandbox: Any) -> None:
     assert results == {k: v[1] for k, v in tasks.items()}
     # they overlapped: every task started before any finished
     assert max(starts.values()) < min(ends.values())
+
+
+def test_snapshot_restore_fork_filesystem_only(make_sandbox: Any, engine: Any,
+                                               docker_ok: Any) -> None:
+    from aiva.sdk import Sandbox
+
+    sb = make_sandbox()
+    sb.files.write("/workspace/data.txt", "v1")
+    sb.commands.run("echo root-v1 > /etc/aiva-marker")
+    snap = sb.snapshot("s1")
+    assert snap["memory"] is False  # Docker keeps no process state, and says so
+    sb.files.write("/workspace/data.txt", "v2")
+    sb.commands.run("echo root-v2 > /etc/aiva-marker; touch /workspace/new.txt")
+
+    sb.restore("s1")
+    assert sb.state == State.RUNNING
+    assert sb.files.read("/workspace/data.txt") == "v1"
+    assert sb.commands.run("cat /etc/aiva-marker").stdout == "root-v1\n"
+    assert not sb.files.exists("/workspace/new.txt")
+
+    fork = Sandbox.from_snapshot(sb.name, "s1", engine=engine)
+    try:
+        assert fork.files.read("/workspace/data.txt") == "v1"
+        fork.files.write("/workspace/data.txt", "fork")
+        assert sb.files.read("/workspace/data.txt") == "v1"
+    finally:
+        engine.delete(fork.name, volumes=True)
+
+    with pytest.raises(errors.InvalidValue, match="no snapshot 'nope'"):
+        sb.restore("nope")
+    image, volume = snap["image"], snap["volume"]
+    engine.delete(sb.name, volumes=True)
+    assert not docker_ok.volumes.list(filters={"name": volume})
+    assert not [i for i in docker_ok.images.list() if i.id == image]

@@ -105,57 +105,72 @@ class DockerBackend(Backend):
     # ------------------------------------------------------------------ lifecycle
 
     def create(self, sb: SandboxInfo) -> dict[str, Any]:
+        image = images.resolve_image(self.client, sb.spec.image)
+        images.check_python(self.client, image)
+        return self._create(sb, image.id)
+
+    def _create(self, sb: SandboxInfo, image_id: str, *, copy_from: str | None = None
+                ) -> dict[str, Any]:
+        """Volume (empty, or a copy of ``copy_from``) and container; undone on failure."""
         import docker
 
-        spec = sb.spec
-        image = images.resolve_image(self.client, spec.image)
-        images.check_python(self.client, image)
-        labels = labels_for(sb) | {f"aiva.label.{k}": v for k, v in spec.labels.items()}
-        run = paths.run_dir(sb.id)
-        run.mkdir(parents=True, exist_ok=True)
-        volume_name = f"aiva-{sb.name}-{sb.short_id}"
+        volume = None
         try:
-            volume = self.client.volumes.create(name=volume_name, labels=labels_for(sb))
-            ports: dict[str, Any] = {}
-            for port in spec.ports:
-                key = f"{port.guest_port}/{port.protocol}"
-                binding = (port.host_ip, port.host_port) if port.host_port else (port.host_ip,)
-                ports.setdefault(key, []).append(binding)
-            container = self.client.containers.create(
-                image.id,
-                name=f"aiva-{sb.name}-{sb.short_id}",
-                hostname=sb.name[:63],
-                entrypoint=["python3", "-B", AGENT_IN_SANDBOX, "--listen",
-                            f"unix:{RUN_IN_SANDBOX}/{SOCKET_NAME}"],
-                command=[],
-                init=True,
-                labels=labels,
-                environment=spec.env,
-                working_dir=spec.workdir,
-                mounts=[
-                    docker.types.Mount(spec.workdir, volume.name, type="volume"),
-                    docker.types.Mount(RUN_IN_SANDBOX, str(run), type="bind"),
-                    docker.types.Mount(AGENT_IN_SANDBOX, str(paths.agent_bundle()),
-                                       type="bind", read_only=True),
-                ],
-                **_cpu(spec.cpus),
-                mem_limit=spec.memory,
-                memswap_limit=spec.memory,
-                pids_limit=spec.pids_limit,
-                ports=ports,
-                stop_signal="SIGTERM",
-            )
-        except docker.errors.ImageNotFound as exc:
-            raise ImageError(f"image {spec.image} vanished: {_short(exc)}") from exc
-        except docker.errors.APIError as exc:
-            self._cleanup(sb, volumes=True)
-            raise BackendError(f"Docker could not create {sb.name}: {_short(exc)}") from exc
+            volume = self.client.volumes.create(name=f"aiva-{sb.name}-{sb.short_id}",
+                                                labels=labels_for(sb))
+            if copy_from is not None:
+                self._copy_volume(sb, copy_from, volume.name, image_id)
+            container = self._make_container(sb, image_id, volume.name)
+        except BaseException as exc:
+            if volume is not None:
+                volume.remove(force=True)
+            if isinstance(exc, docker.errors.ImageNotFound):
+                raise ImageError(f"image {sb.spec.image} vanished: {_short(exc)}") from exc
+            if isinstance(exc, docker.errors.APIError):
+                raise BackendError(f"Docker could not create {sb.name}: {_short(exc)}") from exc
+            raise
         return {
             "container_id": container.id,
             "volume": volume.name,
-            "image_id": image.id,
-            "agent_socket": str(run / SOCKET_NAME),
+            "image_id": image_id,
+            "agent_socket": str(paths.run_dir(sb.id) / SOCKET_NAME),
         }
+
+    def _make_container(self, sb: SandboxInfo, image_id: str, volume: str) -> Any:
+        import docker
+
+        spec = sb.spec
+        run = paths.run_dir(sb.id)
+        run.mkdir(parents=True, exist_ok=True)
+        ports: dict[str, Any] = {}
+        for port in spec.ports:
+            key = f"{port.guest_port}/{port.protocol}"
+            binding = (port.host_ip, port.host_port) if port.host_port else (port.host_ip,)
+            ports.setdefault(key, []).append(binding)
+        return self.client.containers.create(
+            image_id,
+            name=f"aiva-{sb.name}-{sb.short_id}",
+            hostname=sb.name[:63],
+            entrypoint=["python3", "-B", AGENT_IN_SANDBOX, "--listen",
+                        f"unix:{RUN_IN_SANDBOX}/{SOCKET_NAME}"],
+            command=[],
+            init=True,
+            labels=labels_for(sb) | {f"aiva.label.{k}": v for k, v in spec.labels.items()},
+            environment=spec.env,
+            working_dir=spec.workdir,
+            mounts=[
+                docker.types.Mount(spec.workdir, volume, type="volume"),
+                docker.types.Mount(RUN_IN_SANDBOX, str(run), type="bind"),
+                docker.types.Mount(AGENT_IN_SANDBOX, str(paths.agent_bundle()),
+                                   type="bind", read_only=True),
+            ],
+            **_cpu(spec.cpus),
+            mem_limit=spec.memory,
+            memswap_limit=spec.memory,
+            pids_limit=spec.pids_limit,
+            ports=ports,
+            stop_signal="SIGTERM",
+        )
 
     def start(self, sb: SandboxInfo) -> dict[str, Any]:
         import docker
@@ -279,6 +294,82 @@ class DockerBackend(Backend):
                 yield _parse_log(line)
         if pending:
             yield _parse_log(pending)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, sb: SandboxInfo, tag: str) -> dict[str, Any]:
+        """The container's filesystem (docker commit) and a copy of its data volume.
+        Docker cannot save memory: processes do not come back on restore."""
+        import docker
+
+        c = self._require(sb)
+        marks = labels_for(sb) | {"aiva.snapshot": tag}
+        volume = None
+        try:
+            image = c.commit(repository=f"aiva-snapshot/{sb.name}-{sb.short_id}", tag=tag,
+                             conf={"Labels": c.labels | marks})
+            volume = self.client.volumes.create(name=f"aiva-snap-{sb.short_id}-{tag}",
+                                                labels=marks)
+            self._copy_volume(sb, sb.runtime["volume"], volume.name, image.id)
+        except docker.errors.APIError as exc:
+            if volume is not None:
+                volume.remove(force=True)
+            raise BackendError(f"Docker could not snapshot {sb.name}: {_short(exc)}") from exc
+        return {"memory": False, "image": image.id, "volume": volume.name}
+
+    def restore(self, sb: SandboxInfo, tag: str, snap: dict[str, Any]) -> dict[str, Any]:
+        """A new container from the snapshot's image over the data volume as saved."""
+        old = self._require(sb)
+        was_running = old.status in ("running", "paused")
+        old.remove(force=True)
+        self._copy_volume(sb, snap["volume"], sb.runtime["volume"], snap["image"], clear=True)
+        container = self._make_container(sb, snap["image"], sb.runtime["volume"])
+        runtime: dict[str, Any] = {"container_id": container.id}
+        if was_running:
+            runtime |= self.start(sb.model_copy(update={"runtime": sb.runtime | runtime}))
+        return runtime
+
+    def create_from_snapshot(self, sb: SandboxInfo, source: SandboxInfo, tag: str,
+                             snap: dict[str, Any]) -> dict[str, Any]:
+        return self._create(sb, snap["image"], copy_from=snap["volume"])
+
+    def delete_snapshots(self, sb: SandboxInfo, snaps: list[dict[str, Any]]) -> None:
+        import docker
+
+        for snap in snaps:
+            try:
+                vol = self.client.volumes.get(snap["volume"])
+                if vol.attrs.get("Labels", {}).get("aiva.sandbox_id") == sb.id:
+                    vol.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            try:
+                img = self.client.images.get(snap["image"])
+                if (img.labels or {}).get("aiva.snapshot") == snap["tag"]:
+                    self.client.images.remove(img.id, force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError:
+                pass  # still used by a fork: it goes with that fork's image
+
+    def _copy_volume(self, sb: SandboxInfo, src: str, dst: str, image_id: str,
+                     clear: bool = False) -> None:
+        """Copy one volume into another with a throwaway container of a known image."""
+        import docker
+
+        script = ("find /to -mindepth 1 -delete && " if clear else "") + "cp -a /from/. /to/"
+        helper = self.client.containers.run(
+            image_id, entrypoint=["/bin/sh", "-c", script], command=[], detach=True,
+            labels=labels_for(sb) | {"aiva.purpose": "volume-copy"}, network_mode="none",
+            mounts=[docker.types.Mount("/from", src, type="volume", read_only=True),
+                    docker.types.Mount("/to", dst, type="volume")])
+        try:
+            result = helper.wait(timeout=600)
+            if result.get("StatusCode") != 0:
+                logs = helper.logs().decode(errors="replace").strip()[-300:]
+                raise BackendError(f"copying the data of {sb.name} failed: {logs}")
+        finally:
+            helper.remove(force=True)
 
     def update_resources(self, sb: SandboxInfo) -> None:
         import docker
