@@ -170,3 +170,23 @@ def test_image_ls_shows_built_images(python_image: str) -> None:
     r = aiva("image", "ls", "--format", "json")
     tags = [i["tag"] for i in json.loads(r.stdout)]
     assert python_image in tags
+
+
+def test_snapshot_commands(python_image: str, names: list[str]) -> None:
+    name, fork = _name(names), _name(names)
+    assert aiva("start", name, "--memory", "256MB").returncode == 0
+    aiva("exec", name, "--", "sh", "-c", "echo one > /workspace/f")
+    r = aiva("snapshot", name, "s1")
+    assert r.returncode == 0 and "filesystem only" in r.stderr
+    listing = json.loads(aiva("snapshot", name, "--list", "--format", "json").stdout)
+    assert [s["tag"] for s in listing] == ["s1"] and listing[0]["memory"] is False
+    aiva("exec", name, "--", "sh", "-c", "echo two > /workspace/f")
+    assert aiva("restore", name, "s1").returncode == 0
+    assert aiva("exec", name, "--", "cat", "/workspace/f").stdout == "one\n"
+    r = aiva("start", fork, "--from-snapshot", f"{name}:s1")
+    assert r.returncode == 0, r.stderr
+    assert aiva("exec", fork, "--", "cat", "/workspace/f").stdout == "one\n"
+    assert_clean_error(aiva("restore", name, "nope"), 2, "no snapshot 'nope'")
+    assert_clean_error(aiva("start", _name(names), "--from-snapshot", "nocolon"), 2,
+                       "SOURCE:TAG")
+    assert aiva("rm", fork, "--volumes").returncode == 0
