@@ -59,7 +59,8 @@ ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", help="minimal, standard or performance")]
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")]
 LabelOpt = Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")]
-BackendOpt = Annotated[str | None, typer.Option("--backend", help="docker (default: auto)")]
+BackendOpt = Annotated[str | None, typer.Option(
+    "--backend", help="docker, qemu or firecracker (default: auto, which picks docker)")]
 
 
 def _spec(**kw: Any) -> Any:

@@ -110,6 +110,8 @@ def sandbox(sb: SandboxInfo, fmt: Fmt) -> None:
         ("created", sb.created_at.isoformat(timespec="seconds")),
         ("updated", sb.updated_at.isoformat(timespec="seconds")),
     ]
+    if sb.runtime.get("accel"):
+        rows.append(("accel", f"{sb.runtime['accel']} (boot {sb.runtime.get('boot_seconds')} s)"))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
