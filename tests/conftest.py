@@ -21,6 +21,11 @@ os.environ["AIVA_HOME"] = str(TEST_HOME)
 SHARED_CACHE = Path(os.environ.get("AIVA_TEST_CACHE", Path.home() / ".aiva" / "cache"))
 SHARED_CACHE.mkdir(parents=True, exist_ok=True)
 (TEST_HOME / "cache").symlink_to(SHARED_CACHE, target_is_directory=True)
+# VM networking in tests uses its own bridge and a subnet no real setup uses.
+(TEST_HOME / "config.yaml").write_text(
+    f"networking:\n  bridge_name: aiva-t{os.getpid() % 100000}\n"
+    f"  subnet: 10.213.{os.getpid() % 200 + 20}.0/24\n"
+)
 
 
 def docker_client() -> Any:

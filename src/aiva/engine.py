@@ -13,7 +13,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from aiva import paths, sync
 from aiva.agent.protocol import FrameKind
@@ -84,6 +84,7 @@ class Engine:
         ports: list[str] | list[PortSpec] | None = None,
         labels: dict[str, str] | None = None,
         backend: str | None = None,
+        network: str = "nat",
     ) -> SandboxSpec:
         """Fill a spec from the arguments, then the config defaults, then the profile."""
         d = self.config.defaults
@@ -104,6 +105,7 @@ class Engine:
             env=dict(env or {}),
             ports=[p if isinstance(p, PortSpec) else PortSpec.parse(p, bind) for p in ports or []],
             labels=dict(labels or {}),
+            network=_network_mode(network),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -526,6 +528,12 @@ class Engine:
                 log.close()
             self._cmdlogs.clear()
         self.store.close()
+
+
+def _network_mode(mode: str) -> Literal["nat", "none"]:
+    if mode not in ("nat", "none"):
+        raise InvalidValue(f"unknown network mode '{mode}'", hint="use nat or none")
+    return "nat" if mode == "nat" else "none"
 
 
 def _counts(report: sync.SyncReport) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -152,6 +152,7 @@ class SandboxSpec(BaseModel):
     ports: list[PortSpec] = Field(default_factory=list)
     labels: dict[str, str] = Field(default_factory=dict)
     workdir: str = "/workspace"
+    network: Literal["nat", "none"] = "nat"
 
 
 class SandboxInfo(BaseModel):

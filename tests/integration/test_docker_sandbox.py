@@ -309,3 +309,11 @@ def test_snapshot_restore_fork_filesystem_only(make_sandbox: Any, engine: Any,
     engine.delete(sb.name, volumes=True)
     assert not docker_ok.volumes.list(filters={"name": volume})
     assert not [i for i in docker_ok.images.list() if i.id == image]
+
+
+def test_network_none_has_only_loopback(make_sandbox: Any, docker_ok: Any) -> None:
+    sb = make_sandbox(network="none")
+    c = docker_ok.containers.get(sb.info.runtime["container_id"])
+    assert c.attrs["HostConfig"]["NetworkMode"] == "none"
+    links = sb.commands.run("ls /sys/class/net").stdout.split()
+    assert links == ["lo"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ def sleepers(sb: Any) -> list[str]:
 
 def test_vm_lifecycle_keeps_data_and_leaves_nothing(qemu_ready: None, engine: Any,
                                                     make_sandbox: Any) -> None:
-    sb = make_sandbox(backend="qemu", template="minimal", memory="512MB", disk="1GB")
+    sb = make_sandbox(backend="qemu", template="minimal", memory="512MB", disk="1GB",
+                      network="none")
     info = sb.status()
     assert info.state == State.RUNNING
     assert info.runtime["accel"] in ("tcg", "kvm")
@@ -115,3 +117,49 @@ def test_vm_lifecycle_keeps_data_and_leaves_nothing(qemu_ready: None, engine: An
     assert not (aiva_home() / "vms" / sb_id).exists()
     assert not (aiva_home() / "run" / sb_id[:12]).exists()
     assert not _processes_mentioning(sb_id[:12])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_vm_nat_network_and_port_forward(qemu_ready: None, engine: Any,
+                                         make_sandbox: Any) -> None:
+    """The host reaches the VM at its own address and through -p on 127.0.0.1 only."""
+    import urllib.request
+
+    port = _free_port()
+    sb = make_sandbox(backend="qemu", template="minimal", memory="512MB", disk="1GB",
+                      ports=[f"{port}:8000"])
+    net = sb.info.runtime["network"]
+    guest, tap = net["address"], net["tap"]
+    assert sb.info.runtime["ports"] == [f"127.0.0.1:{port}->8000/tcp"]
+    assert Path(f"/sys/class/net/{tap}").exists()
+    ip = sb.commands.run("cat /proc/net/fib_trie | grep -c " + guest).stdout.strip()
+    assert int(ip) >= 1, "the guest does not have its address"
+    sb.files.write("/workspace/index.html", "hello from the vm")
+    server = sb.commands.run(["python3", "-m", "http.server", "8000", "--directory",
+                              "/workspace"], background=True)
+
+    def fetch(url: str) -> str | None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return str(resp.read().decode())
+        except OSError:
+            return None
+
+    deadline = time.monotonic() + 60
+    direct = forwarded = None
+    while time.monotonic() < deadline and not (direct and forwarded):
+        direct = direct or fetch(f"http://{guest}:8000/index.html")
+        forwarded = forwarded or fetch(f"http://127.0.0.1:{port}/index.html")
+        time.sleep(0.2)
+    assert direct == "hello from the vm"
+    assert forwarded == "hello from the vm"
+    server.kill()
+    engine.delete(sb.name, volumes=True)
+    assert not Path(f"/sys/class/net/{tap}").exists()

@@ -203,6 +203,17 @@ class Agent:
         self.listeners.append((sock, path))  # getsockname() is the pre-rename path
         self.sel.register(sock, selectors.EVENT_READ, ("accept", sock))
 
+    def listen_vsock(self, port):
+        # type: (int) -> None
+        """Firecracker's agent channel: the host reaches it through the VMM's vsock."""
+        if not hasattr(socket, "AF_VSOCK"):
+            raise OSError(errno.EAFNOSUPPORT, "this Python has no AF_VSOCK")
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((socket.VMADDR_CID_ANY, port))
+        sock.listen(64)
+        sock.setblocking(False)
+        self.sel.register(sock, selectors.EVENT_READ, ("accept", sock))
+
     def serve_fds(self, rfd, wfd, name):
         # type: (int, int, str) -> None
         set_nonblocking(rfd)
@@ -1102,6 +1113,8 @@ def main(argv=None):
     parser.add_argument("--stdio", action="store_true", help="serve one client on stdin/stdout")
     parser.add_argument("--device", action="append", default=[],
                         help="serve one client on a character device (virtio-serial)")
+    parser.add_argument("--vsock", type=int, action="append", default=[], metavar="PORT",
+                        help="serve clients on AF_VSOCK port PORT, any CID (Firecracker)")
     args = parser.parse_args(argv)
     agent = Agent()
     for spec in args.listen:
@@ -1114,7 +1127,9 @@ def main(argv=None):
     for dev in args.device:
         fd = os.open(dev, os.O_RDWR | os.O_NOCTTY)
         agent.serve_fds(fd, fd, dev)
-    if not (args.listen or args.stdio or args.device):
-        parser.error("nothing to serve: give --listen, --stdio or --device")
+    for port in args.vsock:
+        agent.listen_vsock(port)
+    if not (args.listen or args.stdio or args.device or args.vsock):
+        parser.error("nothing to serve: give --listen, --stdio, --device or --vsock")
     agent.run()
     return 0

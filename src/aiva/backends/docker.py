@@ -169,6 +169,7 @@ class DockerBackend(Backend):
             memswap_limit=spec.memory,
             pids_limit=spec.pids_limit,
             ports=ports,
+            network_mode="none" if spec.network == "none" else None,
             stop_signal="SIGTERM",
         )
 

@@ -29,6 +29,7 @@ from aiva.backends.base import Backend, LogLine, Observed
 from aiva.config import aiva_home, load_config
 from aiva.errors import AgentError, BackendError, BackendUnavailable
 from aiva.models import SandboxInfo, State
+from aiva.vm import network
 from aiva.vm.kernel import tcg_kernel_args
 
 QEMU = "qemu-system-x86_64"
@@ -119,12 +120,13 @@ class QemuBackend(Backend):
             (d / stale).unlink(missing_ok=True)
         rt = sb.runtime
         accel = self.accel(Path(rt["kernel"]), Path(rt["initramfs"]))
-        argv = _qemu_argv(sb, accel, run)
+        net = network.setup_vm_network(sb.id, sb.spec.network, sb.spec.ports)
+        argv = _qemu_argv(sb, accel, run, net)
         if rt.get("pending_loadvm"):  # a restored or forked VM resumes its saved memory
             argv += ["-loadvm", rt["pending_loadvm"]]
         launch = {"argv": argv, "console": str(run / "console.sock"),
                   "agent_upstream": str(run / "agent-up.sock"),
-                  "agent_listen": str(run / SOCKET_NAME)}
+                  "agent_listen": str(run / SOCKET_NAME), "network": net.to_dict()}
         (d / "launch.json").write_text(json.dumps(launch, indent=1))
         with (d / "supervisor.log").open("ab") as log:
             sup = subprocess.Popen([sys.executable, "-m", "aiva.vm.supervisor", str(d)],
@@ -146,6 +148,7 @@ class QemuBackend(Backend):
                 hint=f"see `aiva logs {sb.name}` and {d}/qemu.log",
             ) from None
         return {"accel": accel, "supervisor_pid": sup.pid, "pending_loadvm": None,
+                "network": net.to_dict(), "ports": _ports(net),
                 "qemu_pid": _read_pid(d / "qemu.pid"), "vm_marker": marker,
                 "boot_seconds": round(time.monotonic() - started, 3),
                 "started_at": datetime.now(UTC).isoformat()}
@@ -287,6 +290,7 @@ class QemuBackend(Backend):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and self._running(sb):
             time.sleep(0.02)
+        network.teardown_vm_network(sb.id)
         if sup_pid:
             try:
                 os.waitpid(sup_pid, os.WNOHANG)  # reap if it was our child
@@ -340,7 +344,11 @@ def _template(sb: SandboxInfo) -> str:
     return image
 
 
-def _qemu_argv(sb: SandboxInfo, accel: str, run: Path) -> list[str]:
+def _ports(net: network.VmNetwork) -> list[str]:
+    return [f"{p.host_ip}:{p.host_port}->{p.guest_port}/{p.protocol}" for p in net.ports]
+
+
+def _qemu_argv(sb: SandboxInfo, accel: str, run: Path, net: network.VmNetwork) -> list[str]:
     rt, spec = sb.runtime, sb.spec
     mem_mib = max(128, spec.memory >> 20)
     cpus = max(1, min(int(spec.cpus), os.cpu_count() or 1))
@@ -348,6 +356,7 @@ def _qemu_argv(sb: SandboxInfo, accel: str, run: Path) -> list[str]:
         "console=ttyS0 quiet panic=-1 pci=off",
         "aiva.root=/dev/vda aiva.data=/dev/vdb",
         f"aiva.hostname={_hostname(sb.name)}",
+        *net.kernel_args(),
         # under TCG microvm's PIT cannot calibrate the TSC: give the kernel its rate
         *(tcg_kernel_args() if accel == "tcg" else []),
     ])
@@ -366,6 +375,7 @@ def _qemu_argv(sb: SandboxInfo, accel: str, run: Path) -> list[str]:
         "-chardev", f"socket,id=con,path={run}/console.sock,server=on,wait=off",
         "-serial", "chardev:con",
         "-qmp", f"unix:{run}/qmp.sock,server=on,wait=off",
+        *net.qemu_args(),
         "-pidfile", str(Path(rt["vm_dir"]) / "qemu.pid"),
     ]
 

@@ -59,6 +59,8 @@ ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", help="minimal, standard or performance")]
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")]
 LabelOpt = Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")]
+NetworkOpt = Annotated[str, typer.Option(
+    "--network", help="nat (default) or none (no network at all)")]
 BackendOpt = Annotated[str | None, typer.Option(
     "--backend", help="docker, qemu or firecracker (default: auto, which picks docker)")]
 
@@ -82,10 +84,12 @@ def init(
     env: EnvOpt = None,
     label: LabelOpt = None,
     backend: BackendOpt = None,
+    network: NetworkOpt = "nat",
 ) -> None:
     """Create a sandbox without starting it."""
     spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
-                 ports=port, profile=profile, env=env, label=label, backend=backend)
+                 ports=port, profile=profile, env=env, label=label, backend=backend,
+                 network=network)
     sb = _engine().create(name, spec, start=False)
     output.ok(f"created {sb.name} ({sb.spec.image}); start it with `aiva start {sb.name}`")
 
@@ -103,12 +107,14 @@ def start(
     env: EnvOpt = None,
     label: LabelOpt = None,
     backend: BackendOpt = None,
+    network: NetworkOpt = "nat",
     from_snapshot: Annotated[str | None, typer.Option(
         "--from-snapshot", help="SOURCE:TAG: a new sandbox from a snapshot (fork)")] = None,
 ) -> None:
     """Start a sandbox, creating it first if there is none by that name."""
     engine = _engine()
-    given = [template, image, cpus, memory, disk, port, profile, env, label, backend]
+    given = [template, image, cpus, memory, disk, port, profile, env, label, backend,
+             network != "nat"]
     if from_snapshot:
         source, sep, tag = from_snapshot.partition(":")
         if not sep or not source or not tag or any(given):
@@ -128,7 +134,8 @@ def start(
         sb = engine.start(name)
     else:
         spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
-                     ports=port, profile=profile, env=env, label=label, backend=backend)
+                     ports=port, profile=profile, env=env, label=label, backend=backend,
+                     network=network)
         with output.status(f"starting {name} ..."):
             sb = engine.create(name, spec)
     ports = ", ".join(sb.runtime.get("ports") or [])

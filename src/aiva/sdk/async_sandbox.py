@@ -109,12 +109,13 @@ class AsyncSandbox:
         ports: builtins.list[str] | None = None,
         labels: dict[str, str] | None = None,
         backend: str | None = None,
+        network: str = "nat",
         engine: Engine | None = None,
     ) -> AsyncSandbox:
         sb = await asyncio.to_thread(
             Sandbox.create, name, template=template, image=image, profile=profile, cpus=cpus,
             memory=memory, disk=disk, env=env, ports=ports, labels=labels, backend=backend,
-            engine=engine,
+            network=network, engine=engine,
         )
         return cls(sb)
 

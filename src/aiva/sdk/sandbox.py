@@ -157,13 +157,14 @@ class Sandbox:
         ports: builtins.list[str] | None = None,
         labels: dict[str, str] | None = None,
         backend: str | None = None,
+        network: str = "nat",
         engine: Engine | None = None,
     ) -> Sandbox:
         """Create and start a sandbox; destroyed on leaving a ``with`` block."""
         engine = engine or default_engine()
         spec = engine.build_spec(image=image, template=template, profile=profile, cpus=cpus,
                                  memory=memory, disk=disk, env=env, ports=ports, labels=labels,
-                                 backend=backend)
+                                 backend=backend, network=network)
         info = engine.create(name or f"sb-{uuid.uuid4().hex[:8]}", spec)
         return cls(info, engine=engine, owned=True)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aiva.agent import protocol as p
+from aiva.vm import network
 
 K = p.FrameKind
 
@@ -140,10 +141,22 @@ async def supervise(vm_dir: Path) -> int:
         server = await asyncio.start_unix_server(serve, listen, limit=1 << 22)
     finally:
         os.umask(old_umask)
+    forwards: list[asyncio.Server] = []
+    if spec.get("network"):
+        try:
+            forwards = await network.start_forwards(network.VmNetwork.from_dict(spec["network"]))
+        except OSError as exc:
+            qemu.kill()
+            await waiter
+            server.close()
+            _record_exit(vm_dir, qemu.returncode, f"cannot publish ports: {exc}")
+            return 1
     tasks = [asyncio.create_task(_pump_agent(up_r, mux)),
              asyncio.create_task(_pump_console(con_r, vm_dir / "console.jsonl"))]
     code = await waiter
     server.close()
+    for fwd in forwards:
+        fwd.close()
     for t in tasks:
         t.cancel()
     Path(listen).unlink(missing_ok=True)
