@@ -130,8 +130,13 @@ class Engine:
         return self._boot(sb)
 
     def _boot(self, sb: SandboxInfo) -> SandboxInfo:
+        backend = self._backend_of(sb)
+        live = {x.id for x in self.store.all()
+                if x.spec.backend == backend.name and x.state != State.STOPPED}
+        for gone in backend.reap(live | {sb.id}):
+            self.store.record("reaped", None, sandbox_id=gone, backend=backend.name)
         try:
-            runtime = self._backend_of(sb).start(sb)
+            runtime = backend.start(sb)
         except AivaError as exc:
             self.store.transition(sb.name, State.ERROR, error=str(exc))
             self.store.record("error", sb, action="start", message=str(exc))

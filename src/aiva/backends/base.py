@@ -92,6 +92,11 @@ class Backend(ABC):
         """Remove what the snapshots hold outside the sandbox's own disk."""
         return None  # engines that keep snapshots inside the disk have nothing to do
 
+    def reap(self, live_ids: set[str]) -> list[str]:
+        """Remove what sandboxes that no longer exist left behind after a crash (their
+        host networking, for instance); returns the sandbox ids cleaned up."""
+        return []
+
     def update_resources(self, sb: SandboxInfo) -> None:
         """Apply changed cpus / memory / pids limits; engines that cannot, say so."""
         raise NotImplementedError(f"the {self.name} backend cannot change limits live")
