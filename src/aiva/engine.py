@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from aiva import paths, sync
+from aiva import metrics, paths, sync
 from aiva.agent.protocol import FrameKind
 from aiva.agent_client import AgentClient, ExecResult, OutputCallback, ProcessHandle, StdinSource
 from aiva.backends import detect_backend, make_backend
@@ -23,6 +23,7 @@ from aiva.backends.base import Backend, LogLine
 from aiva.config import Config, aiva_home, load_config, parse_size
 from aiva.errors import AivaError, InvalidTransition, InvalidValue, SandboxNotFound
 from aiva.logs import CommandLog, follow_command_log, merge, read_command_log
+from aiva.metrics import SandboxMetrics
 from aiva.models import (
     PortSpec,
     SandboxInfo,
@@ -385,8 +386,15 @@ class Engine:
     def rename(self, name: str, src: str, dst: str) -> None:
         self.agent(name).rename(src, dst)
 
-    def metrics(self, name: str) -> dict[str, Any]:
-        return self.agent(name).metrics()
+    def metrics(self, name: str) -> SandboxMetrics:
+        """Host-measured CPU and I/O; in a VM, memory and uptime as its own kernel sees them."""
+        sb = self.get(name)
+        if sb.state != State.PAUSED:
+            check_action(name, sb.state, "use")
+        host = self._backend_of(sb).metrics(sb)
+        if sb.spec.backend == "docker" or sb.state == State.PAUSED:
+            return host  # a container's /proc/meminfo is the host's; a paused VM cannot answer
+        return metrics.merge(host, self._agent(sb).metrics())
 
     # ------------------------------------------------------------------ data
 

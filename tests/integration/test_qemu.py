@@ -67,6 +67,9 @@ def test_vm_lifecycle_keeps_data_and_leaves_nothing(qemu_ready: None, engine: An
     r = sb.commands.run("echo $((6*7)); uname -r; echo err >&2")
     assert r.exit_code == 0 and r.stdout.startswith("42\n") and r.stderr == "err\n"
     assert sb.commands.run(["python3", "-c", "print('in a vm')"]).stdout == "in a vm\n"
+    m = sb.metrics()
+    assert m.source["memory"] == "guest" and 300 << 20 < m.memory["total"] <= 512 << 20
+    assert m.source["cpu"] == "proc" and m.uptime > 0 and m.disk["read_bytes"] > 0
     sb.files.write("/workspace/keep.txt", "survives a reboot")
     assert sb.files.read("/workspace/keep.txt") == "survives a reboot"
     with pytest.raises(errors.SandboxFileNotFound):

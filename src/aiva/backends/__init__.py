@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiva.backends.base import Backend
 from aiva.errors import BackendUnavailable, InvalidValue
 
-KNOWN = ("docker", "qemu")
+KNOWN = ("docker", "qemu", "firecracker")
 #: Tried in this order by ``backend: auto``. QEMU joins once it is the better default
 #: (KVM present); under TCG a container starts ~10x faster.
 AUTO_ORDER = ("docker",)
@@ -21,6 +21,10 @@ def make_backend(name: str) -> Backend:
         from aiva.backends.qemu import QemuBackend
 
         return QemuBackend()
+    if name == "firecracker":  # explicit only: it runs for real only where KVM boots it
+        from aiva.backends.firecracker import FirecrackerBackend
+
+        return FirecrackerBackend()
     raise InvalidValue(f"unknown backend '{name}'", hint=f"use one of: {', '.join(KNOWN)}")
 
 

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from aiva.agent_client import Transport
+from aiva.metrics import SandboxMetrics
 from aiva.models import SandboxInfo, State
 
 
@@ -91,6 +92,10 @@ class Backend(ABC):
     def delete_snapshots(self, sb: SandboxInfo, snaps: list[dict[str, Any]]) -> None:
         """Remove what the snapshots hold outside the sandbox's own disk."""
         return None  # engines that keep snapshots inside the disk have nothing to do
+
+    def metrics(self, sb: SandboxInfo) -> SandboxMetrics:
+        """CPU, memory, disk and network I/O as the host measures them."""
+        raise NotImplementedError(f"the {self.name} backend has no host metrics")
 
     def reap(self, live_ids: set[str]) -> list[str]:
         """Remove what sandboxes that no longer exist left behind after a crash (their

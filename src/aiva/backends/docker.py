@@ -23,6 +23,7 @@ from aiva.agent_client import Transport, connect_unix
 from aiva.backends.base import Backend, LogLine, Observed
 from aiva.config import aiva_home
 from aiva.errors import BackendError, BackendUnavailable, ImageError
+from aiva.metrics import SandboxMetrics, docker_metrics
 from aiva.models import SandboxInfo, State
 
 AGENT_IN_SANDBOX = "/.aiva/agent"
@@ -295,6 +296,9 @@ class DockerBackend(Backend):
                 yield _parse_log(line)
         if pending:
             yield _parse_log(pending)
+
+    def metrics(self, sb: SandboxInfo) -> SandboxMetrics:
+        return docker_metrics(self._require(sb))
 
     # ------------------------------------------------------------------ snapshots
 

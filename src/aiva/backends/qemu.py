@@ -28,6 +28,7 @@ from aiva.agent_client import AgentClient, Transport, connect_unix
 from aiva.backends.base import Backend, LogLine, Observed
 from aiva.config import aiva_home, load_config
 from aiva.errors import AgentError, BackendError, BackendUnavailable
+from aiva.metrics import SandboxMetrics, qemu_host_metrics
 from aiva.models import SandboxInfo, State
 from aiva.vm import network
 from aiva.vm.kernel import tcg_kernel_args
@@ -219,6 +220,13 @@ class QemuBackend(Backend):
             from aiva.logs import follow_jsonl
 
             yield from follow_jsonl(path, source="engine")
+
+    def metrics(self, sb: SandboxInfo) -> SandboxMetrics:
+        pid = _read_pid(vm_dir(sb) / "qemu.pid")
+        if pid is None or not _pid_alive(pid, sb.id[:12]):
+            raise BackendError(f"{sb.name} has no running QEMU", hint=f"aiva status {sb.name}")
+        return qemu_host_metrics(pid, paths.run_dir(sb.id) / "qmp.sock",
+                                 tap=(sb.runtime.get("network") or {}).get("tap") or None)
 
     def reap(self, live_ids: set[str]) -> list[str]:
         return network.reap_stale(live_ids) if os.geteuid() == 0 else []

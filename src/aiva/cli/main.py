@@ -210,8 +210,15 @@ def status(name: Annotated[str | None, typer.Argument()] = None,
     engine = _engine()
     if name is None:
         output.sandboxes(engine.list_all(), fmt)
-    else:
-        output.sandbox(engine.status(name), fmt)
+        return
+    from aiva.models import State
+
+    sb = engine.status(name)
+    try:  # figures are a bonus: a sandbox that cannot report them still shows
+        figures = engine.metrics(name) if sb.state == State.RUNNING else None
+    except AivaError:
+        figures = None
+    output.sandbox(sb, fmt, figures)
 
 
 @app.command(name="ls")

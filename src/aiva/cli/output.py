@@ -18,6 +18,7 @@ from rich.table import Table
 
 from aiva.backends.base import LogLine
 from aiva.config import format_size
+from aiva.metrics import SandboxMetrics
 from aiva.models import SandboxInfo
 
 console = Console()
@@ -87,9 +88,9 @@ def sandboxes(boxes: list[SandboxInfo], fmt: Fmt) -> None:
     console.print(table)
 
 
-def sandbox(sb: SandboxInfo, fmt: Fmt) -> None:
+def sandbox(sb: SandboxInfo, fmt: Fmt, metrics: SandboxMetrics | None = None) -> None:
     if fmt != Fmt.table:
-        _dump(_record(sb), fmt)
+        _dump(_record(sb) | ({"metrics": metrics.to_dict()} if metrics else {}), fmt)
         return
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
@@ -112,6 +113,8 @@ def sandbox(sb: SandboxInfo, fmt: Fmt) -> None:
     ]
     if sb.runtime.get("accel"):
         rows.append(("accel", f"{sb.runtime['accel']} (boot {sb.runtime.get('boot_seconds')} s)"))
+    if metrics is not None:
+        rows += _metric_rows(metrics)
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
@@ -128,6 +131,20 @@ def snapshots(items: list[dict[str, Any]], fmt: Fmt) -> None:
         table.add_row(snap["tag"], "disk + memory" if snap.get("memory") else "disk",
                       snap["created_at"][:19])
     console.print(table)
+
+
+def _metric_rows(m: SandboxMetrics) -> list[tuple[str, str]]:
+    mem, src, fs = m.memory, m.source, format_size
+    return [
+        ("cpu now", f"{m.cpu_percent:.1f}% of {m.cpus:g} CPU  [dim]({src.get('cpu')})[/]"),
+        ("mem used", f"{fs(mem['used'])} of {fs(mem['total'])}, {fs(mem['available'])} "
+                     f"available, {fs(mem['cache'])} cache  [dim]({src.get('memory')})[/]"),
+        ("disk io", f"{fs(m.disk['read_bytes'])} read, {fs(m.disk['write_bytes'])} written"
+                    f"  [dim]({src.get('disk')})[/]"),
+        ("net io", f"{fs(m.net['rx_bytes'])} in, {fs(m.net['tx_bytes'])} out"
+                   f"  [dim]({src.get('net')})[/]"),
+        ("uptime", f"{m.uptime:.0f} s  [dim]({src.get('uptime')})[/]"),
+    ]
 
 
 def image_table(items: list[Any], fmt: Fmt) -> None:

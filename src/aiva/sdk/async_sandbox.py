@@ -17,6 +17,7 @@ from typing import IO, Any
 from aiva.agent_client import OutputCallback, StdinSource
 from aiva.backends.base import LogLine
 from aiva.engine import Engine
+from aiva.metrics import SandboxMetrics
 from aiva.models import SandboxInfo, State
 from aiva.sdk.sandbox import Sandbox
 from aiva.sync import SyncReport
@@ -199,7 +200,7 @@ class AsyncSandbox:
     async def logs(self, *, tail: int | None = None) -> builtins.list[LogLine]:
         return await asyncio.to_thread(self._sb.logs, tail=tail)
 
-    async def metrics(self) -> dict[str, Any]:
+    async def metrics(self) -> SandboxMetrics:
         return await asyncio.to_thread(self._sb.metrics)
 
     async def __aenter__(self) -> AsyncSandbox:

@@ -21,6 +21,7 @@ from aiva.agent_client import ExecResult, OutputCallback, ProcessHandle, StdinSo
 from aiva.backends.base import LogLine
 from aiva.engine import Engine, default_engine
 from aiva.errors import CommandFailed, CommandTimeout
+from aiva.metrics import SandboxMetrics
 from aiva.models import SandboxInfo, State
 from aiva.sync import SyncReport
 
@@ -264,7 +265,8 @@ class Sandbox:
         """Command output and the engine's log, ordered by time."""
         return self._engine.logs(self.name, tail=tail)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> SandboxMetrics:
+        """CPU, memory, disk and network I/O, uptime; ``.source`` says where each came from."""
         return self._engine.metrics(self.name)
 
     # ------------------------------------------------------------------ context

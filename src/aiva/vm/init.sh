@@ -4,6 +4,10 @@
 #                   aiva.data=/dev/vdb         read-write ext4 data disk (else a tmpfs)
 #                   aiva.ip=ADDR/PREFIX[,GW]   static address on eth0 (optional)
 #                   aiva.hostname=NAME         (optional)
+#                   aiva.agent=vsock:PORT      serve the agent on AF_VSOCK PORT (Firecracker)
+#                                              instead of the virtio-serial port
+#                   aiva.halt=reboot           end by reboot, never poweroff (Firecracker on
+#                                              x86 exits only on reboot; needs reboot=k)
 #   root = overlay(lower=/.aiva/lower ro, upper=/.aiva/data/upper); /.aiva is a tmpfs
 #   holding bin/busybox, agent/, run/stage2.sh; the agent serves the virtio-serial port
 #   named "aiva.agent" and, when it exits, the VM syncs, remounts ro and powers off.
@@ -15,7 +19,7 @@ umask 022
 # Power off; without ACPI (microvm,acpi=off) that only halts, so reboot instead and let
 # QEMU's -no-reboot end the process.
 off() {
-    [ -d /sys/firmware/acpi ] && poweroff -f
+    [ "$halt" != reboot ] && [ -d /sys/firmware/acpi ] && poweroff -f
     reboot -f
 }
 
@@ -41,16 +45,25 @@ mount -t sysfs sysfs /sys || fail "cannot mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail "cannot mount devtmpfs"
 
 cmdline=$(cat /proc/cmdline)
-root="" data="" ip="" name=""
+root="" data="" ip="" name="" agent="" halt=""
 for arg in $cmdline; do
     case "$arg" in
         aiva.root=*) root=${arg#*=} ;;
         aiva.data=*) data=${arg#*=} ;;
         aiva.ip=*) ip=${arg#*=} ;;
         aiva.hostname=*) name=${arg#*=} ;;
+        aiva.agent=*) agent=${arg#*=} ;;
+        aiva.halt=*) halt=${arg#*=} ;;
     esac
 done
 case "$name" in *[!A-Za-z0-9.-]*) fail "bad aiva.hostname=$name" ;; esac
+vsock=""
+case "$agent" in
+    "") ;;
+    vsock:[0-9]*) vsock=${agent#vsock:} ;;
+    *) fail "bad aiva.agent=$agent" ;;
+esac
+case "$vsock" in *[!0-9]*) fail "bad aiva.agent=$agent" ;; esac
 
 # modules, dependencies first; "mod.key=value" on the cmdline becomes a parameter
 while read -r ko; do
@@ -100,10 +113,13 @@ if [ -n "$ip" ]; then
     fi
 fi
 
-# the agent's port: the virtio-serial port QEMU named aiva.agent
+# the agent's port: the virtio-serial port QEMU named aiva.agent (none with a vsock agent)
 port=""
 n=0
-while [ -z "$port" ]; do
+if [ -n "$vsock" ]; then
+    wait_for /dev/vsock 5 || fail "aiva.agent=$agent but no vsock device (vsock modules?)"
+fi
+while [ -z "$port" ] && [ -z "$vsock" ]; do
     for f in /sys/class/virtio-ports/*/name; do
         [ -r "$f" ] && [ "$(cat "$f")" = aiva.agent ] && port=${f%/name} && port=${port##*/}
     done
@@ -112,16 +128,18 @@ while [ -z "$port" ]; do
     [ "$n" -gt 250 ] && fail "no virtio-serial port named aiva.agent"
     usleep 20000
 done
-if [ ! -c "/dev/$port" ]; then
+if [ -n "$port" ] && [ ! -c "/dev/$port" ]; then
     devno=$(cat "/sys/class/virtio-ports/$port/dev")
     mknod "/dev/$port" c "${devno%%:*}" "${devno##*:}" || fail "cannot make /dev/$port"
 fi
-mkdir -p /dev/virtio-ports && ln -sf "../$port" /dev/virtio-ports/aiva.agent
+[ -z "$port" ] || { mkdir -p /dev/virtio-ports && ln -sf "../$port" /dev/virtio-ports/aiva.agent; }
 mount --move /dev /newroot/dev || fail "cannot move /dev into the root"
 
 {
     echo "PORT=$port"
     echo "NAME=$name"
+    echo "VSOCK=$vsock"
+    echo "HALT=$halt"
     cat <<'STAGE2'
 # stage 2: PID 1 in the real root. Runs the agent, then shuts down cleanly.
 bb=/.aiva/bin/busybox
@@ -139,7 +157,7 @@ halt_now() {
     $bb sync
     $bb mount -o remount,ro /.aiva/data 2>/dev/null || echo "AIVA-INIT-ERROR: data disk still busy"
     $bb sync
-    [ -d /sys/firmware/acpi ] && $bb poweroff -f
+    [ "$HALT" != reboot ] && [ -d /sys/firmware/acpi ] && $bb poweroff -f
     $bb reboot -f
 }
 
@@ -161,7 +179,7 @@ command -v python3 >/dev/null || fail "no python3 in the system image"
 
 # The agent reads EOF from a port whose host side is not connected yet, and exits on
 # EOF; so start it only once the host holds the socket (debugfs shows that state).
-if $bb mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
+if [ -z "$VSOCK" ] && $bb mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
     state=/sys/kernel/debug/virtio-ports/$PORT
     while [ -r "$state" ]; do
         up=0
@@ -176,8 +194,9 @@ fi
 
 echo AIVA-AGENT-START
 cd / || fail "no /"
+if [ -n "$VSOCK" ]; then set -- --vsock "$VSOCK"; else set -- --device "/dev/$PORT"; fi
 $bb env -i PATH="$PATH" HOME=/root TERM=linux LANG=C.UTF-8 \
-    python3 -B /.aiva/agent --device "/dev/$PORT" </dev/null
+    python3 -B /.aiva/agent "$@" </dev/null
 halt_now
 STAGE2
 } >"$a/run/stage2.sh" || fail "cannot write stage2"

@@ -77,15 +77,27 @@ class Mux:
         client.chans.clear()
 
 
-async def _connect(path: str, deadline: float) -> tuple[asyncio.StreamReader,
-                                                         asyncio.StreamWriter]:
+async def _connect(path: str, deadline: float, handshake: str | None = None,
+                   child: asyncio.Task[int] | None = None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Retry until ``deadline`` or the VMM's exit. ``handshake``: Firecracker's vsock Unix
+    socket wants ``CONNECT <port>\\n`` and answers ``OK <n>\\n`` once the guest accepts;
+    until the guest listens it closes the connection instead."""
     while True:
         try:
-            return await asyncio.open_unix_connection(path, limit=1 << 22)
+            reader, writer = await asyncio.open_unix_connection(path, limit=1 << 22)
+            if handshake is None:
+                return reader, writer
+            writer.write(handshake.encode())
+            left = max(0.1, deadline - time.monotonic())
+            if (await asyncio.wait_for(reader.readline(), left)).startswith(b"OK "):
+                return reader, writer
+            writer.close()
+            raise ConnectionRefusedError(f"{path}: no listener for {handshake.strip()!r}")
         except OSError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (child is not None and child.done()):
                 raise
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.02 if handshake else 0.005)
 
 
 async def _pump_agent(reader: asyncio.StreamReader, mux: Mux) -> None:
@@ -106,16 +118,27 @@ async def _pump_console(reader: asyncio.StreamReader, out: Path) -> None:
 async def supervise(vm_dir: Path) -> int:
     spec: dict[str, Any] = json.loads((vm_dir / "launch.json").read_text())
     (vm_dir / "exit.json").unlink(missing_ok=True)
+    on_stdout = spec["console"] == "stdout"  # Firecracker: its serial console is its stdout
     with (vm_dir / "qemu.log").open("ab") as qlog:
         qemu = await asyncio.create_subprocess_exec(*spec["argv"], stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=qlog, stderr=qlog)
-    deadline = time.monotonic() + 30
+                                                    stdout=asyncio.subprocess.PIPE if on_stdout
+                                                    else qlog, stderr=qlog, limit=1 << 22)
+    deadline = time.monotonic() + float(spec.get("connect_timeout", 30))
     waiter = asyncio.create_task(qemu.wait())
     try:
-        con_r, _con_w = await _connect(spec["console"], deadline)
-        up_r, up_w = await _connect(spec["agent_upstream"], deadline)
+        if on_stdout and qemu.stdout is not None:
+            con_r = qemu.stdout
+        else:
+            con_r, _con_w = await _connect(spec["console"], deadline)
+        # read the console at once: a full pipe would stall the guest's serial port
+        console = asyncio.create_task(_pump_console(con_r, vm_dir / "console.jsonl"))
+        up_r, up_w = await _connect(spec["agent_upstream"], deadline,
+                                    spec.get("agent_handshake"), waiter)
     except OSError as exc:
-        qemu.kill()
+        try:
+            qemu.kill()
+        except ProcessLookupError:
+            pass  # it exited already, which is what ended the wait
         await waiter
         _record_exit(vm_dir, qemu.returncode, f"cannot reach QEMU's sockets: {exc}")
         return 1
@@ -151,8 +174,7 @@ async def supervise(vm_dir: Path) -> int:
             server.close()
             _record_exit(vm_dir, qemu.returncode, f"cannot publish ports: {exc}")
             return 1
-    tasks = [asyncio.create_task(_pump_agent(up_r, mux)),
-             asyncio.create_task(_pump_console(con_r, vm_dir / "console.jsonl"))]
+    tasks = [asyncio.create_task(_pump_agent(up_r, mux)), console]
     code = await waiter
     server.close()
     for fwd in forwards:
