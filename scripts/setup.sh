@@ -66,5 +66,5 @@ fi
 
 # --- The base image (built once from Debian packages, then cached)
 say "base image: aiva/python"
-.venv/bin/aiva image build python
+.venv/bin/aiva image build python --no-vm
 export PATH="$ROOT/.venv/bin:$PATH"

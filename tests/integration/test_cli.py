@@ -190,3 +190,13 @@ def test_snapshot_commands(python_image: str, names: list[str]) -> None:
     assert_clean_error(aiva("start", _name(names), "--from-snapshot", "nocolon"), 2,
                        "SOURCE:TAG")
     assert aiva("rm", fork, "--volumes").returncode == 0
+
+
+@pytest.mark.vm
+def test_image_build_makes_vm_files_from_the_same_rootfs(python_image: str) -> None:
+    r = aiva("image", "build", "minimal", timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "image aiva/minimal:latest is ready" in r.stderr
+    assert "VM files for minimal are ready" in r.stderr
+    r = aiva("image", "build", "nonesuch", "--no-container")
+    assert_clean_error(r, 1, "nonesuch")

@@ -363,15 +363,39 @@ def image_ls(fmt: Format = output.Fmt.table) -> None:
 def image_build(
     template: Annotated[str, typer.Argument(help="minimal or python")],
     force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
+    container: Annotated[bool, typer.Option(
+        "--container/--no-container", help="the Docker image")] = True,
+    vm: Annotated[bool, typer.Option(
+        "--vm/--no-vm", help="the microVM files: kernel, initramfs, system image")] = True,
 ) -> None:
-    """Build an image from Debian packages (mmdebstrap, then docker import)."""
-    from aiva import images
+    """Build a template from Debian packages, for containers and for microVMs alike.
 
-    client = _engine().backend("docker").client
-    with output.status(f"building {template} ...") as st:
-        info = images.build_image(template, client=client, force=force,
-                                  progress=lambda msg: st.update(f"{template}: {msg}"))
-    output.ok(f"image {info.tag} is ready ({output.size(info.size)})")
+    One rootfs tar (mmdebstrap) feeds both: `docker import` makes the container image,
+    `mkfs.ext4 -d` the VMs' read-only system image.
+    """
+    from aiva import images
+    from aiva.errors import BackendUnavailable
+
+    if container:
+        try:
+            client = _engine().backend("docker").client
+        except BackendUnavailable as exc:
+            if not vm:
+                raise
+            output.error(f"skipping the container image: {exc.message}", exc.hint)
+        else:
+            with output.status(f"building {template} ...") as st:
+                info = images.build_image(template, client=client, force=force,
+                                          progress=lambda msg: st.update(f"{template}: {msg}"))
+            output.ok(f"image {info.tag} is ready ({output.size(info.size)})")
+    if vm:
+        from aiva.vm.artifacts import ensure_vm_artifacts
+
+        with output.status(f"building VM files for {template} ...") as st:
+            art = ensure_vm_artifacts(template,
+                                      progress=lambda msg: st.update(f"{template} VM: {msg}"))
+        output.ok(f"VM files for {template} are ready: kernel {art.modules_version}, "
+                  f"system image {output.size(art.rootfs.stat().st_size)}")
 
 
 # ---------------------------------------------------------------------- entry
