@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import py_compile
 import shutil
+import sys
 from pathlib import Path
 
 from aiva.config import aiva_home
@@ -34,6 +36,19 @@ def sync_state(sandbox_id: str, local: Path, remote: str) -> Path:
     return aiva_home() / "sync" / sandbox_id / f"{key}.json"
 
 
+def _precompile(source: Path) -> None:
+    """Bytecode next to the agent, checked by hash, not mtime (copies get new mtimes):
+    a sandbox whose python3 matches ours skips compiling it, which under TCG saves
+    seconds of boot; any other python3 ignores these files."""
+    py_compile.compile(str(source), doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+
+
+def agent_bundle_files(bundle: Path) -> list[str]:
+    """Every file of the bundle, relative to it (sources and bytecode)."""
+    return sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
+
+
 def agent_bundle() -> Path:
     """A copy of the in-sandbox agent under AIVA_HOME, named by its content hash.
 
@@ -44,12 +59,14 @@ def agent_bundle() -> Path:
     digest = hashlib.sha256()
     for name in AGENT_FILES:
         digest.update((src / name).read_bytes())
+    digest.update(f"{sys.version_info[:2]}".encode())  # the bytecode is ours
     dest = aiva_home() / "agent" / digest.hexdigest()[:12]
     if not (dest / AGENT_FILES[-1]).exists():
         tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         for name in AGENT_FILES:
             shutil.copy2(src / name, tmp / name)
+            _precompile(tmp / name)
         try:
             tmp.rename(dest)
         except OSError:  # another process won the race: use theirs

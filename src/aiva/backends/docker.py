@@ -152,7 +152,7 @@ class DockerBackend(Backend):
             image_id,
             name=f"aiva-{sb.name}-{sb.short_id}",
             hostname=sb.name[:63],
-            entrypoint=["python3", "-B", AGENT_IN_SANDBOX, "--listen",
+            entrypoint=["python3", "-B", "-S", AGENT_IN_SANDBOX, "--listen",
                         f"unix:{RUN_IN_SANDBOX}/{SOCKET_NAME}"],
             command=[],
             init=True,

@@ -96,7 +96,7 @@ mkdir -p "$a" /newroot/proc /newroot/sys /newroot/dev /newroot/tmp /newroot/run 
 mount -t tmpfs -o mode=0755,nosuid,nodev aiva "$a" || fail "cannot mount a tmpfs at /.aiva"
 mkdir -p "$a/bin" "$a/run" "$a/agent" "$a/data" "$a/lower"
 cp /bin/busybox "$a/bin/busybox" || fail "cannot copy busybox into the root"
-cp /aiva/agent/* "$a/agent/" || fail "cannot copy the agent into the root"
+cp -a /aiva/agent/. "$a/agent/" || fail "cannot copy the agent into the root"
 mount --move /data "$a/data" || fail "cannot move the data disk"
 mount --move /lower "$a/lower" || fail "cannot move the system image"
 
@@ -196,7 +196,7 @@ echo AIVA-AGENT-START
 cd / || fail "no /"
 if [ -n "$VSOCK" ]; then set -- --vsock "$VSOCK"; else set -- --device "/dev/$PORT"; fi
 $bb env -i PATH="$PATH" HOME=/root TERM=linux LANG=C.UTF-8 \
-    python3 -B /.aiva/agent "$@" </dev/null
+    python3 -B -S /.aiva/agent "$@" </dev/null
 halt_now
 STAGE2
 } >"$a/run/stage2.sh" || fail "cannot write stage2"

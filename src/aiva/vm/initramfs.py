@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from aiva.errors import BackendError, BackendUnavailable
-from aiva.paths import AGENT_FILES
+from aiva.paths import agent_bundle_files
 from aiva.vm.kernel import KernelFiles, load_order, module_name, read_module
 
 BUSYBOX = Path("/bin/busybox")
@@ -113,7 +113,8 @@ def initramfs_bytes(kernel: KernelFiles, agent_dir: Path) -> bytes:
     for applet in APPLETS:
         cpio.symlink(f"bin/{applet}", "busybox")
     cpio.file("init", resources.files("aiva.vm").joinpath("init.sh").read_bytes(), 0o755)
-    for name in AGENT_FILES:
+    cpio.dir("aiva/agent/__pycache__")
+    for name in agent_bundle_files(agent_dir):
         cpio.file(f"aiva/agent/{name}", (agent_dir / name).read_bytes())
     listed = []
     for rel in module_files(kernel):
