@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from aiva import metrics, paths, sync
+from aiva import metrics, paths, plugins, sync
 from aiva.agent.protocol import FrameKind
 from aiva.agent_client import AgentClient, ExecResult, OutputCallback, ProcessHandle, StdinSource
 from aiva.backends import detect_backend, make_backend
@@ -25,6 +25,7 @@ from aiva.errors import AivaError, InvalidTransition, InvalidValue, SandboxNotFo
 from aiva.logs import CommandLog, follow_command_log, merge, read_command_log
 from aiva.metrics import SandboxMetrics
 from aiva.models import (
+    Event,
     PortSpec,
     SandboxInfo,
     SandboxSpec,
@@ -69,6 +70,12 @@ class Engine:
 
     def _backend_of(self, sb: SandboxInfo) -> Backend:
         return self.backend(sb.spec.backend)
+
+    def _record(self, kind: str, sb: SandboxInfo | None = None, **data: Any) -> Event:
+        """Store an event, then hand it to plugins: every event goes through here."""
+        event = self.store.record(kind, sb, **data)
+        plugins.call_hook("on_event", event=event)
+        return event
 
     # ------------------------------------------------------------------ spec
 
@@ -120,7 +127,8 @@ class Engine:
             self.store.remove(sb.id)
             raise
         sb = self.store.update(name, runtime=runtime)
-        self.store.record("created", sb, image=spec.image, backend=backend.name)
+        self._record("created", sb, image=spec.image, backend=backend.name)
+        plugins.call_hook("on_vm_create", sandbox=sb)
         if not start:
             return self.store.transition(name, State.STOPPED)
         return self._boot(sb)
@@ -135,15 +143,16 @@ class Engine:
         live = {x.id for x in self.store.all()
                 if x.spec.backend == backend.name and x.state != State.STOPPED}
         for gone in backend.reap(live | {sb.id}):
-            self.store.record("reaped", None, sandbox_id=gone, backend=backend.name)
+            self._record("reaped", None, sandbox_id=gone, backend=backend.name)
         try:
             runtime = backend.start(sb)
         except AivaError as exc:
             self.store.transition(sb.name, State.ERROR, error=str(exc))
-            self.store.record("error", sb, action="start", message=str(exc))
+            self._record("error", sb, action="start", message=str(exc))
             raise
         sb = self.store.transition(sb.name, State.RUNNING, runtime=runtime, action="start")
-        self.store.record("started", sb)
+        self._record("started", sb)
+        plugins.call_hook("on_vm_start", sandbox=sb)
         return sb
 
     def stop(self, name: str, *, force: bool = False) -> SandboxInfo:
@@ -157,7 +166,8 @@ class Engine:
             self.store.transition(name, State.ERROR, error=str(exc))
             raise
         sb = self.store.transition(name, State.STOPPED)
-        self.store.record("stopped", sb, force=force)
+        self._record("stopped", sb, force=force)
+        plugins.call_hook("on_vm_stop", sandbox=sb)
         return sb
 
     def pause(self, name: str) -> SandboxInfo:
@@ -165,7 +175,7 @@ class Engine:
         check_action(name, sb.state, "pause")
         self._backend_of(sb).pause(sb)
         sb = self.store.transition(name, State.PAUSED, action="pause")
-        self.store.record("paused", sb)
+        self._record("paused", sb)
         return sb
 
     def resume(self, name: str) -> SandboxInfo:
@@ -173,7 +183,7 @@ class Engine:
         check_action(name, sb.state, "resume")
         self._backend_of(sb).resume(sb)
         sb = self.store.transition(name, State.RUNNING, action="resume")
-        self.store.record("resumed", sb)
+        self._record("resumed", sb)
         return sb
 
     def delete(self, name: str, *, volumes: bool = False) -> None:
@@ -185,10 +195,11 @@ class Engine:
             backend.delete_snapshots(sb, self.store.snapshots(sb.id))
             self.store.remove_snapshots(sb.id)
         self.store.remove(sb.id)
-        self.store.record("deleted", sb, volumes=volumes)
+        self._record("deleted", sb, volumes=volumes)
         log = self._cmdlogs.pop(sb.id, None)
         if log is not None:
             log.close()
+        plugins.call_hook("on_vm_delete", sandbox=sb)  # before its command log goes
         shutil.rmtree(paths.logs_dir(sb.id), ignore_errors=True)
         shutil.rmtree(aiva_home() / "sync" / sb.id, ignore_errors=True)
 
@@ -203,7 +214,7 @@ class Engine:
         tag = check_tag(tag or utcnow().strftime("s%Y%m%d-%H%M%S"))
         data = self._backend_of(sb).snapshot(sb, tag)
         record = self.store.add_snapshot(sb, tag, data)
-        self.store.record("snapshot", sb, tag=tag, memory=data.get("memory", False))
+        self._record("snapshot", sb, tag=tag, memory=data.get("memory", False))
         return record
 
     def snapshots(self, name: str) -> list[dict[str, Any]]:
@@ -226,7 +237,7 @@ class Engine:
         self._drop_agent(sb)
         runtime = self._backend_of(sb).restore(sb, tag, snap)
         sb = self.store.update(name, runtime=runtime)
-        self.store.record("restored", sb, tag=tag, memory=snap.get("memory", False))
+        self._record("restored", sb, tag=tag, memory=snap.get("memory", False))
         return sb
 
     def fork(self, name: str, source: str, tag: str) -> SandboxInfo:
@@ -241,8 +252,9 @@ class Engine:
             self.store.remove(sb.id)
             raise
         sb = self.store.update(name, runtime=runtime)
-        self.store.record("created", sb, image=sb.spec.image, backend=backend.name,
-                          from_snapshot=f"{source}:{tag}")
+        self._record("created", sb, image=sb.spec.image, backend=backend.name,
+                     from_snapshot=f"{source}:{tag}")
+        plugins.call_hook("on_vm_create", sandbox=sb)
         return self._boot(sb)
 
     def get(self, name: str) -> SandboxInfo:
@@ -280,8 +292,8 @@ class Engine:
             sb = self.store.transition(sb.name, new, error=error)
         except (AivaError, SandboxNotFound):
             return self.get(sb.name)
-        self.store.record("error" if new == State.ERROR else "reconciled", sb,
-                          state=new.value, reason=obs.reason)
+        self._record("error" if new == State.ERROR else "reconciled", sb,
+                     state=new.value, reason=obs.reason)
         return sb
 
     # ------------------------------------------------------------------ agent
@@ -353,10 +365,12 @@ class Engine:
         )
         if isinstance(result, ExecResult):
             log.write(cmd_id, "exit", str(result.exit_code))
-            self.store.record("command", sb, cmd=argv, exit_code=result.exit_code,
-                              duration=round(result.duration, 6), timed_out=result.timed_out)
+            self._record("command", sb, cmd=argv, exit_code=result.exit_code,
+                         duration=round(result.duration, 6), timed_out=result.timed_out)
+            plugins.call_hook("on_command", sandbox=sb, argv=argv, exit_code=result.exit_code,
+                              duration=result.duration)
         else:
-            self.store.record("command", sb, cmd=argv, background=True, pid=result.pid)
+            self._record("command", sb, cmd=argv, background=True, pid=result.pid)
         return result
 
     # files: thin, checked wrappers, so a remote engine can offer the same calls
@@ -418,8 +432,8 @@ class Engine:
             delete=delete, exclude=list(exclude or []), prefer=prefer,  # type: ignore[arg-type]
             state_file=paths.sync_state(sb.id, Path(local), remote), progress=progress,
         )
-        self.store.record("files_synced", sb, local=str(local), remote=remote,
-                          direction=direction, **_counts(report))
+        self._record("files_synced", sb, local=str(local), remote=remote,
+                     direction=direction, **_counts(report))
         return report
 
     def copy_in(self, name: str, local: str | Path, remote: str) -> int:
@@ -441,8 +455,8 @@ class Engine:
         with src.open("rb") as f:
             n = client.write_file(remote, f, mode=src.stat().st_mode & 0o7777,
                                   mtime_ns=src.stat().st_mtime_ns)
-        self.store.record("files_synced", sb, local=str(src), remote=remote, direction="push",
-                          bytes=n, files=1)
+        self._record("files_synced", sb, local=str(src), remote=remote, direction="push",
+                     bytes=n, files=1)
         return n
 
     def copy_out(self, name: str, remote: str, local: str | Path) -> int:
@@ -464,8 +478,8 @@ class Engine:
                 n += len(chunk)
         tmp.chmod(int(meta["mode"]))
         tmp.replace(dest)
-        self.store.record("files_synced", sb, local=str(dest), remote=remote, direction="pull",
-                          bytes=n, files=1)
+        self._record("files_synced", sb, local=str(dest), remote=remote, direction="pull",
+                     bytes=n, files=1)
         return n
 
     @staticmethod
@@ -529,7 +543,7 @@ class Engine:
         sb = self.store.update(name, spec=spec)
         if head in LIVE_KEYS:
             self._backend_of(sb).update_resources(sb)
-        self.store.record("config_changed", sb, key=key, value=value)
+        self._record("config_changed", sb, key=key, value=value)
         return sb
 
     def close(self) -> None:
