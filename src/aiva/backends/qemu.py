@@ -18,15 +18,23 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiva import paths
-from aiva.agent_client import AgentClient, Transport, connect_unix
-from aiva.backends.base import Backend, LogLine, Observed
-from aiva.config import aiva_home, load_config
+from aiva.agent_client import AgentClient, connect_unix
+from aiva.backends.base import Observed
+from aiva.backends.supervised import (
+    SOCKET_NAME,
+    SupervisedVM,
+    hostname_of,
+    pid_alive,
+    read_pid,
+    template_of,
+    vm_dir,
+)
+from aiva.config import load_config
 from aiva.errors import AgentError, BackendError, BackendUnavailable
 from aiva.metrics import SandboxMetrics, qemu_host_metrics
 from aiva.models import SandboxInfo, State
@@ -34,34 +42,11 @@ from aiva.vm import network
 from aiva.vm.kernel import tcg_kernel_args
 
 QEMU = "qemu-system-x86_64"
-SOCKET_NAME = "agent.sock"
 BOOT_TIMEOUT = 120.0  # TCG on a busy 2-core host can be slow; a hang still ends here
 KVM_PROBE_TIMEOUT = 15.0
 
 
-def vm_dir(sb: SandboxInfo) -> Path:
-    return aiva_home() / "vms" / sb.id
-
-
-def _pid_alive(pid: int | None, marker: str) -> bool:
-    """True if ``pid`` runs and is ours (its command line names our VM directory)."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return marker.encode() in cmdline
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-class QemuBackend(Backend):
+class QemuBackend(SupervisedVM):
     name = "qemu"
 
     def check(self) -> None:
@@ -98,7 +83,7 @@ class QemuBackend(Backend):
         from aiva.vm import artifacts, disks
 
         self.check()
-        art = artifacts.ensure_vm_artifacts(_template(sb))
+        art = artifacts.ensure_vm_artifacts(template_of(sb))
         d = vm_dir(sb)
         d.mkdir(parents=True, exist_ok=True)
         data = d / "data.qcow2"
@@ -150,7 +135,7 @@ class QemuBackend(Backend):
             ) from None
         return {"accel": accel, "supervisor_pid": sup.pid, "pending_loadvm": None,
                 "network": net.to_dict(), "ports": _ports(net),
-                "qemu_pid": _read_pid(d / "qemu.pid"), "vm_marker": marker,
+                "qemu_pid": read_pid(d / "qemu.pid"), "vm_marker": marker,
                 "boot_seconds": round(time.monotonic() - started, 3),
                 "started_at": datetime.now(UTC).isoformat()}
 
@@ -207,23 +192,9 @@ class QemuBackend(Backend):
             return Observed(State.RUNNING)  # booting: QMP not up yet
         return Observed(State.PAUSED if status == "paused" else State.RUNNING)
 
-    def connect_agent(self, sb: SandboxInfo, *, timeout: float = 10.0) -> Transport:
-        return connect_unix(str(paths.run_dir(sb.id) / SOCKET_NAME), timeout=timeout)
-
-    def engine_logs(self, sb: SandboxInfo, *, tail: int | None = None,
-                    follow: bool = False) -> Iterator[LogLine]:
-        from aiva.logs import read_jsonl
-
-        path = vm_dir(sb) / "console.jsonl"
-        yield from read_jsonl(path, tail=tail, source="engine")
-        if follow:
-            from aiva.logs import follow_jsonl
-
-            yield from follow_jsonl(path, source="engine")
-
     def metrics(self, sb: SandboxInfo) -> SandboxMetrics:
-        pid = _read_pid(vm_dir(sb) / "qemu.pid")
-        if pid is None or not _pid_alive(pid, sb.id[:12]):
+        pid = read_pid(vm_dir(sb) / "qemu.pid")
+        if pid is None or not pid_alive(pid, sb.id[:12]):
             raise BackendError(f"{sb.name} has no running QEMU", hint=f"aiva status {sb.name}")
         return qemu_host_metrics(pid, paths.run_dir(sb.id) / "qmp.sock",
                                  tap=(sb.runtime.get("network") or {}).get("tap") or None)
@@ -283,17 +254,13 @@ class QemuBackend(Backend):
 
     # ------------------------------------------------------------------ helpers
 
-    def _running(self, sb: SandboxInfo) -> bool:
-        d = vm_dir(sb)
-        return _pid_alive(_read_pid(d / "supervisor.pid"), str(d))
-
     def _kill(self, sb: SandboxInfo) -> None:
         """Hard stop: QEMU first (the supervisor then records the exit and leaves)."""
         d = vm_dir(sb)
-        qemu_pid = _read_pid(d / "qemu.pid")
-        sup_pid = _read_pid(d / "supervisor.pid")
+        qemu_pid = read_pid(d / "qemu.pid")
+        sup_pid = read_pid(d / "supervisor.pid")
         for pid in (qemu_pid, sup_pid):
-            if pid and _pid_alive(pid, str(d) if pid == sup_pid else sb.id[:12]):
+            if pid and pid_alive(pid, str(d) if pid == sup_pid else sb.id[:12]):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -307,17 +274,6 @@ class QemuBackend(Backend):
                 os.waitpid(sup_pid, os.WNOHANG)  # reap if it was our child
             except ChildProcessError:
                 pass
-
-    def _why(self, sb: SandboxInfo) -> str:
-        lines = [line.text for line in self.engine_logs(sb, tail=20)]
-        errors = [line for line in lines if "AIVA-INIT-ERROR" in line]
-        if errors:
-            return errors[-1]
-        try:
-            qlog = (vm_dir(sb) / "qemu.log").read_text(errors="replace").strip()
-        except OSError:
-            qlog = ""
-        return qlog.splitlines()[-1] if qlog else ""
 
     def _qmp(self, sb: SandboxInfo, cmd: str, **args: Any) -> Any:
         from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -346,15 +302,6 @@ def _qemu_img(*args: str) -> None:
                            hint="is qemu-utils installed? is the VM stopped?")
 
 
-def _template(sb: SandboxInfo) -> str:
-    if sb.spec.template:
-        return sb.spec.template
-    image = sb.spec.image
-    if image.startswith("aiva/"):
-        return image.removeprefix("aiva/").split(":")[0]
-    return image
-
-
 def _ports(net: network.VmNetwork) -> list[str]:
     return [f"{p.host_ip}:{p.host_port}->{p.guest_port}/{p.protocol}" for p in net.ports]
 
@@ -366,7 +313,7 @@ def _qemu_argv(sb: SandboxInfo, accel: str, run: Path, net: network.VmNetwork) -
     cmdline = " ".join([
         "console=ttyS0 quiet panic=-1 pci=off",
         "aiva.root=/dev/vda aiva.data=/dev/vdb",
-        f"aiva.hostname={_hostname(sb.name)}",
+        f"aiva.hostname={hostname_of(sb.name)}",
         *net.kernel_args(),
         # under TCG microvm's PIT cannot calibrate the TSC: give the kernel its rate
         *(tcg_kernel_args() if accel == "tcg" else []),
@@ -389,10 +336,6 @@ def _qemu_argv(sb: SandboxInfo, accel: str, run: Path, net: network.VmNetwork) -
         *net.qemu_args(),
         "-pidfile", str(Path(rt["vm_dir"]) / "qemu.pid"),
     ]
-
-
-def _hostname(name: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name)[:63]
 
 
 def _kvm_boots(kernel: Path, initramfs: Path) -> bool:

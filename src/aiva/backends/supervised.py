@@ -1,0 +1,83 @@
+"""What the microVM backends share: a VM directory, a supervisor process that owns the
+VMM (``aiva.vm.supervisor``), and the agent socket and console log it serves.
+
+QEMU and Firecracker differ in how they boot and save a VM, not in how aiva reaches it
+once it runs, so that part lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from aiva import paths
+from aiva.agent_client import Transport, connect_unix
+from aiva.backends.base import Backend, LogLine
+from aiva.config import aiva_home
+from aiva.logs import follow_jsonl, read_jsonl
+from aiva.models import SandboxInfo
+
+SOCKET_NAME = "agent.sock"
+
+
+def vm_dir(sb: SandboxInfo) -> Path:
+    return aiva_home() / "vms" / sb.id
+
+
+def pid_alive(pid: int | None, marker: str) -> bool:
+    """True if ``pid`` runs and is ours (its command line names ``marker``)."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return marker.encode() in cmdline
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def template_of(sb: SandboxInfo) -> str:
+    """The template whose VM files a sandbox boots: ``aiva/python:latest`` -> ``python``."""
+    if sb.spec.template:
+        return sb.spec.template
+    image = sb.spec.image
+    if image.startswith("aiva/"):
+        return image.removeprefix("aiva/").split(":")[0]
+    return image
+
+
+def hostname_of(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in name)[:63]
+
+
+class SupervisedVM(Backend):
+    """A backend whose VMs run under ``aiva.vm.supervisor``."""
+
+    def connect_agent(self, sb: SandboxInfo, *, timeout: float = 10.0) -> Transport:
+        return connect_unix(str(paths.run_dir(sb.id) / SOCKET_NAME), timeout=timeout)
+
+    def engine_logs(self, sb: SandboxInfo, *, tail: int | None = None,
+                    follow: bool = False) -> Iterator[LogLine]:
+        path = vm_dir(sb) / "console.jsonl"
+        yield from read_jsonl(path, tail=tail, source="engine")
+        if follow:
+            yield from follow_jsonl(path, source="engine")
+
+    def _running(self, sb: SandboxInfo) -> bool:
+        d = vm_dir(sb)
+        return pid_alive(read_pid(d / "supervisor.pid"), str(d))
+
+    def _why(self, sb: SandboxInfo) -> str:
+        """The best one-line reason a VM did not come up: /init's own, else the VMM's."""
+        errors = [ln.text for ln in self.engine_logs(sb, tail=20) if "AIVA-INIT-ERROR" in ln.text]
+        try:
+            log = (vm_dir(sb) / "qemu.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            log = []
+        return (errors or log or [""])[-1]
