@@ -114,11 +114,39 @@ class Networking(_Section):
     default_bind: str = "127.0.0.1"
 
 
+class BackendPrice(_Section):
+    """What a sandbox costs per hour it runs: per CPU, and per GB (GiB) of memory."""
+
+    cpu_hour: float = Field(default=0.0, ge=0)
+    gb_hour: float = Field(default=0.0, ge=0)
+
+
+class Cost(_Section):
+    """Prices for `aiva cost` and the aiva_sandbox_cost_total metric. Local backends
+    cost nothing unless priced; e.g. ``digitalocean: {cpu_hour: 0.009, gb_hour: 0.0045}``
+    (illustrative figures, in ``currency``)."""
+
+    currency: str = "USD"
+    docker: BackendPrice = BackendPrice()
+    qemu: BackendPrice = BackendPrice()
+    firecracker: BackendPrice = BackendPrice()
+    digitalocean: BackendPrice = BackendPrice()
+
+
+class CollectorSettings(_Section):
+    """The daemon's metrics sampler: how often, and how long samples are kept."""
+
+    interval: float = Field(default=5.0, gt=0)  # seconds between samples
+    retention: float = Field(default=86400.0, gt=0)  # seconds a sample is kept
+
+
 class Config(_Section):
     version: str = "1.0"
     defaults: Defaults = Defaults()
     platform: Platform = Platform()
     networking: Networking = Networking()
+    cost: Cost = Cost()
+    collector: CollectorSettings = CollectorSettings()
     profiles: dict[str, Profile] = Field(default_factory=lambda: dict(PROFILES))
 
     def profile(self, name: str | None = None) -> Profile:

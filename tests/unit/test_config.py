@@ -102,3 +102,17 @@ def test_aiva_home_moves_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     written = write_default_config()
     assert written == tmp_path / "h" / "config.yaml"
     assert load_config() == Config()
+
+
+def test_cost_and_collector_sections() -> None:
+    from pydantic import ValidationError
+
+    from aiva.collector import Price, price_for
+
+    cfg = Config.model_validate(
+        {"cost": {"digitalocean": {"cpu_hour": 0.009, "gb_hour": 0.0045}}})
+    assert price_for("digitalocean", cfg) == Price(0.009, 0.0045)
+    assert price_for("docker", cfg) == Price()
+    assert cfg.collector.interval == 5
+    with pytest.raises(ValidationError):
+        Config.model_validate({"cost": {"docker": {"cpu_hr": 1}}})

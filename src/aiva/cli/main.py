@@ -6,6 +6,7 @@ hint) on stderr with a non-zero exit, never as a traceback.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from typing import Annotated, Any
@@ -398,11 +399,21 @@ def image_build(
                   f"system image {output.size(art.rootfs.stat().st_size)}")
 
 
+# ---------------------------------------------------------------------- observe
+
+from aiva.cli import observe_cmd  # noqa: E402
+
+app.command()(observe_cmd.events)
+app.command()(observe_cmd.metrics)
+app.command()(observe_cmd.cost)
+
+
 # ---------------------------------------------------------------------- entry
 
 
 def run() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    _log_to_file()
     try:
         app()
     except AivaError as exc:
@@ -410,6 +421,19 @@ def run() -> None:
         sys.exit(2 if isinstance(exc, InvalidValue) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _log_to_file() -> None:
+    """aiva's own log goes to AIVA_HOME/aiva.log (queryable with the others); warnings
+    still reach the terminal."""
+    from aiva.logquery import log_handler
+
+    log = logging.getLogger("aiva")
+    log.setLevel(logging.INFO)
+    log.addHandler(log_handler())
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    log.addHandler(console)
 
 
 if __name__ == "__main__":
