@@ -16,6 +16,8 @@ import pytest
 # before aiva is imported anywhere so every default engine uses it.
 TEST_HOME = Path(tempfile.mkdtemp(prefix="aiva-t"))
 os.environ["AIVA_HOME"] = str(TEST_HOME)
+# Only the daemon tests, which connect explicitly, ever talk to a daemon.
+os.environ["AIVA_NO_DAEMON"] = "1"
 # Built images, kernels and root filesystems are content-keyed: share the machine's cache
 # (filled by scripts/setup.sh) instead of rebuilding them for every run.
 SHARED_CACHE = Path(os.environ.get("AIVA_TEST_CACHE", Path.home() / ".aiva" / "cache"))

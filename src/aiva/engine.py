@@ -13,7 +13,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 
 from aiva import metrics, paths, plugins, sync
 from aiva.agent.protocol import FrameKind
@@ -578,9 +578,28 @@ _default_lock = threading.Lock()
 
 
 def default_engine() -> Engine:
-    """One engine per process, shared by every Sandbox object that is not given one."""
+    """One engine per process, shared by every Sandbox object that is not given one.
+
+    While an aiva daemon runs for this AIVA_HOME this is a ``RemoteEngine`` (the same
+    methods, served by the daemon); ``AIVA_NO_DAEMON=1`` keeps the engine in-process.
+    """
     global _default
     with _default_lock:
         if _default is None:
-            _default = Engine()
+            _default = _daemon_engine() or Engine()
         return _default
+
+
+def _daemon_engine() -> Engine | None:
+    import os
+
+    if os.environ.get("AIVA_NO_DAEMON", "") not in ("", "0"):
+        return None
+    from aiva.daemon.wire import daemon_running  # no httpx/fastapi import: cheap
+
+    if not daemon_running():
+        return None
+    from aiva.daemon.client import RemoteEngine
+
+    # same public methods and signatures: tests/unit/test_daemon_api.py checks them
+    return cast(Engine, RemoteEngine())

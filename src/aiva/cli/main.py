@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from aiva.cli import output
+from aiva.cli.daemon_cmd import daemon_app
 from aiva.errors import AivaError, InvalidValue
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ app = typer.Typer(
 image_app = typer.Typer(help="Build and list sandbox images (no registry needed).",
                         no_args_is_help=True)
 app.add_typer(image_app, name="image")
+app.add_typer(daemon_app, name="daemon")
 
 Format = Annotated[output.Fmt, typer.Option("--format", "-o", help="table, json or yaml")]
 

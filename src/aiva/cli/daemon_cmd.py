@@ -1,0 +1,76 @@
+"""``aiva daemon start [--port N] | stop | status``: run the engine as one shared process.
+
+While the daemon runs, the CLI and the SDK send their calls to it (over
+``AIVA_HOME/daemon.sock``) instead of running the engine in-process; ``AIVA_NO_DAEMON=1``
+opts out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import typer
+import yaml
+
+from aiva.cli import output
+
+daemon_app = typer.Typer(help="The aiva daemon: the engine as one shared process (REST API).",
+                         no_args_is_help=True)
+
+Format = Annotated[output.Fmt, typer.Option("--format", "-o", help="table, json or yaml")]
+
+
+@daemon_app.command("start")
+def start(
+    port: Annotated[int | None, typer.Option(
+        "--port", help="also listen on 127.0.0.1:PORT (bearer token: AIVA_HOME/daemon.token)")
+    ] = None,
+    foreground: Annotated[bool, typer.Option(
+        "--foreground", help="run in this terminal instead of detached")] = False,
+) -> None:
+    """Start the daemon (detached) and wait until it answers."""
+    from aiva.daemon import server
+
+    if foreground:
+        from aiva.daemon.__main__ import main
+
+        main([] if port is None else ["--port", str(port)])
+        return
+    with output.status("starting the aiva daemon ..."):
+        info = server.start(port)
+    where = info["socket"] + (f" and 127.0.0.1:{info['port']}" if info.get("port") else "")
+    output.ok(f"aiva daemon running (pid {info['pid']}) on {where}")
+
+
+@daemon_app.command("stop")
+def stop() -> None:
+    """Stop the daemon (SIGTERM, then SIGKILL); sandboxes keep running."""
+    from aiva.daemon import server
+
+    output.ok("aiva daemon stopped" if server.stop() else "no aiva daemon was running")
+
+
+@daemon_app.command("status")
+def status(fmt: Format = output.Fmt.table) -> None:
+    """pid, uptime, socket, port, version and sandbox count; exits 1 if not running."""
+    from aiva.daemon import server
+
+    info = server.status()
+    if fmt == output.Fmt.json:
+        print(json.dumps(info, indent=2))
+    elif fmt == output.Fmt.yaml:
+        print(yaml.safe_dump(info, sort_keys=False), end="")
+    elif not info["running"]:
+        output.error("no aiva daemon is running", "start one with `aiva daemon start`")
+    else:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started_at"]))
+        rows = [("pid", info["pid"]), ("version", info["version"]),
+                ("started", f"{started} (up {info['uptime']:.0f}s)"),
+                ("socket", info["socket"]), ("port", info["port"] or "-"),
+                ("sandboxes", info["sandboxes"])]
+        for key, value in rows:
+            print(f"{key:<10} {value}")
+    if not info["running"]:
+        raise typer.Exit(1)
