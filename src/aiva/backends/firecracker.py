@@ -240,18 +240,9 @@ class FirecrackerBackend(SupervisedVM):
             shutil.rmtree(vm_dir(sb) / "snapshots" / str(snap["tag"]), ignore_errors=True)
 
     def observe(self, sb: SandboxInfo) -> Observed:
-        d = vm_dir(sb)
-        if (d / "exit.json").exists():
-            info = json.loads((d / "exit.json").read_text())
-            code = info.get("code")
-            reason = info.get("reason") or f"the VM exited (firecracker status {code})"
-            return Observed(State.STOPPED, reason, 0 if code == 0 else (code or 1))
-        if not self._running(sb):
-            if not d.exists():
-                return Observed(None, "the VM's files were removed outside aiva")
-            if sb.state in (State.STOPPED, State.CREATING):
-                return Observed(State.STOPPED)
-            return Observed(State.ERROR, "the VM's supervisor died without a word")
+        gone = self._observe_down(sb, "firecracker")
+        if gone is not None:
+            return gone
         try:
             with self._api(sb) as api:
                 state = api.describe_instance()["state"]

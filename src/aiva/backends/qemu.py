@@ -173,19 +173,9 @@ class QemuBackend(SupervisedVM):
                     child.unlink(missing_ok=True) if child.is_file() else shutil.rmtree(child)
 
     def observe(self, sb: SandboxInfo) -> Observed:
-        d = vm_dir(sb)
-        exit_file = d / "exit.json"
-        if exit_file.exists():
-            info = json.loads(exit_file.read_text())
-            code = info.get("code")
-            reason = info.get("reason") or f"the VM exited (QEMU status {code})"
-            return Observed(State.STOPPED, reason, 0 if code == 0 else (code or 1))
-        if not self._running(sb):
-            if not d.exists():
-                return Observed(None, "the VM's files were removed outside aiva")
-            if sb.state in (State.STOPPED, State.CREATING):
-                return Observed(State.STOPPED)
-            return Observed(State.ERROR, "the VM's supervisor died without a word")
+        gone = self._observe_down(sb, "QEMU")
+        if gone is not None:
+            return gone
         try:
             status = self._qmp_status(sb)
         except BackendError:

@@ -7,15 +7,16 @@ once it runs, so that part lives here once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from aiva import paths
 from aiva.agent_client import Transport, connect_unix
-from aiva.backends.base import Backend, LogLine
+from aiva.backends.base import Backend, LogLine, Observed
 from aiva.config import aiva_home
 from aiva.logs import follow_jsonl, read_jsonl
-from aiva.models import SandboxInfo
+from aiva.models import SandboxInfo, State
 
 SOCKET_NAME = "agent.sock"
 
@@ -72,6 +73,22 @@ class SupervisedVM(Backend):
     def _running(self, sb: SandboxInfo) -> bool:
         d = vm_dir(sb)
         return pid_alive(read_pid(d / "supervisor.pid"), str(d))
+
+    def _observe_down(self, sb: SandboxInfo, vmm: str) -> Observed | None:
+        """What a VM that is not running is: ended (and how), lost, or stopped."""
+        d = vm_dir(sb)
+        if (d / "exit.json").exists():
+            info = json.loads((d / "exit.json").read_text())
+            code = info.get("code")
+            reason = info.get("reason") or f"the VM exited ({vmm} status {code})"
+            return Observed(State.STOPPED, reason, 0 if code == 0 else (code or 1))
+        if self._running(sb):
+            return None
+        if not d.exists():
+            return Observed(None, "the VM's files were removed outside aiva")
+        if sb.state in (State.STOPPED, State.CREATING):
+            return Observed(State.STOPPED)
+        return Observed(State.ERROR, "the VM's supervisor died without a word")
 
     def _why(self, sb: SandboxInfo) -> str:
         """The best one-line reason a VM did not come up: /init's own, else the VMM's."""
