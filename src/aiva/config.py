@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from aiva.errors import ConfigError, InvalidValue
+from aiva.models import OnTimeout, RestartPolicy
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -82,6 +83,10 @@ class Defaults(_Section):
     image: str = "aiva/python:latest"
     cache_strategy: Literal["writeback", "writethrough", "none", "unsafe"] = "writeback"
     stop_timeout: float = Field(default=10.0, ge=0)
+    timeout: float | None = Field(default=None, gt=0)
+    idle_timeout: float | None = Field(default=None, gt=0)
+    on_timeout: OnTimeout = "stop"
+    restart: RestartPolicy = "no"
 
 
 class LinuxPlatform(_Section):

@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
-from aiva import metrics, paths, plugins, sync
+from pydantic import ValidationError
+
+from aiva import lifetimes, metrics, paths, plugins, sync
 from aiva.agent.protocol import FrameKind
 from aiva.agent_client import AgentClient, ExecResult, OutputCallback, ProcessHandle, StdinSource
 from aiva.backends import detect_backend, make_backend
@@ -26,6 +28,7 @@ from aiva.logs import CommandLog, follow_command_log, merge, read_command_log
 from aiva.metrics import SandboxMetrics
 from aiva.models import (
     Event,
+    OnTimeout,
     PortSpec,
     SandboxInfo,
     SandboxSpec,
@@ -93,6 +96,10 @@ class Engine:
         labels: dict[str, str] | None = None,
         backend: str | None = None,
         network: str = "nat",
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        on_timeout: OnTimeout | None = None,
+        restart: str | None = None,
     ) -> SandboxSpec:
         """Fill a spec from the arguments, then the config defaults, then the profile."""
         d = self.config.defaults
@@ -101,20 +108,31 @@ class Engine:
         if cpus <= 0:
             raise InvalidValue(f"cpus must be positive, not {cpus}")
         bind = self.config.networking.default_bind
-        return SandboxSpec(
-            backend=backend or (d.backend if d.backend != "auto" else self.backend().name),
-            image=image or template or d.image,
-            template=template,
-            profile=profile or d.profile,
-            cpus=cpus,
-            memory=parse_size(memory or d.memory or prof.memory),
-            disk=parse_size(disk or d.disk or prof.disk),
-            pids_limit=d.pids_limit,
-            env=dict(env or {}),
-            ports=[p if isinstance(p, PortSpec) else PortSpec.parse(p, bind) for p in ports or []],
-            labels=dict(labels or {}),
-            network=_network_mode(network),
-        )
+        port_specs = [p if isinstance(p, PortSpec) else PortSpec.parse(p, bind)
+                      for p in ports or []]
+        try:
+            return SandboxSpec(
+                backend=backend or (d.backend if d.backend != "auto" else self.backend().name),
+                image=image or template or d.image,
+                template=template,
+                profile=profile or d.profile,
+                cpus=cpus,
+                memory=parse_size(memory or d.memory or prof.memory),
+                disk=parse_size(disk or d.disk or prof.disk),
+                pids_limit=d.pids_limit,
+                env=dict(env or {}),
+                ports=port_specs,
+                labels=dict(labels or {}),
+                network=_network_mode(network),
+                timeout=timeout if timeout is not None else d.timeout,
+                idle_timeout=idle_timeout if idle_timeout is not None else d.idle_timeout,
+                on_timeout=on_timeout or d.on_timeout,
+                restart=restart or d.restart,
+            )
+        except ValidationError as exc:  # a bad value the user gave: one clear line
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise InvalidValue(f"{key}: {err['msg'].removeprefix('Value error, ')}") from None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,6 +168,7 @@ class Engine:
             self.store.transition(sb.name, State.ERROR, error=str(exc))
             self._record("error", sb, action="start", message=str(exc))
             raise
+        runtime = {**runtime, **lifetimes.boot_runtime(sb.spec)}
         sb = self.store.transition(sb.name, State.RUNNING, runtime=runtime, action="start")
         self._record("started", sb)
         plugins.call_hook("on_vm_start", sandbox=sb)

@@ -12,9 +12,9 @@ import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from aiva.errors import InvalidTransition, InvalidValue
 
@@ -32,6 +32,20 @@ def check_name(name: str) -> str:
             hint="use letters, digits, '_', '.', '-' (up to 63), starting with a letter or digit",
         )
     return name
+
+
+_RESTART = re.compile(r"^(no|always|on-failure(:[1-9][0-9]*)?)$")
+
+
+def check_restart(policy: str) -> str:
+    if not _RESTART.match(policy):
+        raise InvalidValue(f"'{policy}' is not a restart policy",
+                           hint="use no, on-failure, on-failure:N or always")
+    return policy
+
+
+RestartPolicy = Annotated[str, AfterValidator(check_restart)]
+OnTimeout = Literal["stop", "pause", "destroy"]
 
 
 def check_tag(tag: str) -> str:
@@ -153,6 +167,10 @@ class SandboxSpec(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     workdir: str = "/workspace"
     network: Literal["nat", "none"] = "nat"
+    timeout: float | None = Field(default=None, gt=0)  # seconds of life from each start
+    idle_timeout: float | None = Field(default=None, gt=0)  # seconds without command/files
+    on_timeout: OnTimeout = "stop"
+    restart: RestartPolicy = "no"
 
 
 class SandboxInfo(BaseModel):

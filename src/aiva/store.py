@@ -228,6 +228,18 @@ class Store:
             for r in rows
         ]
 
+    def newest_event(self, sandbox_id: str, kinds: tuple[str, ...]) -> Event | None:
+        """The sandbox's newest event of these kinds (one query on the sandbox index)."""
+        row = self._db.execute(
+            f"SELECT * FROM events WHERE sandbox_id = ? AND kind IN "
+            f"({','.join('?' * len(kinds))}) ORDER BY id DESC LIMIT 1",
+            (sandbox_id, *kinds)).fetchone()
+        if row is None:
+            return None
+        return Event(id=row["id"], ts=datetime.fromisoformat(row["ts"]),
+                     sandbox_id=row["sandbox_id"], sandbox=row["sandbox"], kind=row["kind"],
+                     data=json.loads(row["data"]))
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:

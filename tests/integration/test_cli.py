@@ -200,3 +200,19 @@ def test_image_build_makes_vm_files_from_the_same_rootfs(python_image: str) -> N
     assert "VM files for minimal are ready" in r.stderr
     r = aiva("image", "build", "nonesuch", "--no-container")
     assert_clean_error(r, 1, "nonesuch")
+
+
+def test_timeout_options_and_extend(python_image: str, names: list[str]) -> None:
+    name = _name(names)
+    r = aiva("start", name, "--memory", "256MB", "--timeout", "600", "--on-timeout", "pause",
+             "--restart", "on-failure:3")
+    assert r.returncode == 0, r.stderr
+    spec = json.loads(aiva("status", name, "--format", "json").stdout)["spec"]
+    assert (spec["timeout"], spec["on_timeout"], spec["restart"]) == (600, "pause",
+                                                                     "on-failure:3")
+    before = json.loads(aiva("status", name, "--format", "json").stdout)["runtime"]["deadline"]
+    r = aiva("extend", name, "120")
+    assert r.returncode == 0 and "deadline in" in r.stderr
+    after = json.loads(aiva("status", name, "--format", "json").stdout)["runtime"]["deadline"]
+    assert after >= before + 119
+    assert_clean_error(aiva("start", _name(names), "--restart", "sometimes"), 2, "sometimes")

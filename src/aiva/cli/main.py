@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
@@ -62,6 +63,14 @@ ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", help="minimal, standard or performance")]
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")]
 LabelOpt = Annotated[list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE")]
+TimeoutOpt = Annotated[float | None, typer.Option(
+    "--timeout", help="seconds of life, then --on-timeout (needs the daemon)")]
+IdleOpt = Annotated[float | None, typer.Option(
+    "--idle-timeout", help="seconds without a command, then --on-timeout")]
+OnTimeoutOpt = Annotated[str | None, typer.Option(
+    "--on-timeout", help="stop (default), pause or destroy")]
+RestartOpt = Annotated[str | None, typer.Option(
+    "--restart", help="no, on-failure[:N] or always (the daemon restarts it)")]
 NetworkOpt = Annotated[str, typer.Option(
     "--network", help="nat (default) or none (no network at all)")]
 BackendOpt = Annotated[str | None, typer.Option(
@@ -88,11 +97,16 @@ def init(
     label: LabelOpt = None,
     backend: BackendOpt = None,
     network: NetworkOpt = "nat",
+    timeout: TimeoutOpt = None,
+    idle_timeout: IdleOpt = None,
+    on_timeout: OnTimeoutOpt = None,
+    restart: RestartOpt = None,
 ) -> None:
     """Create a sandbox without starting it."""
     spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
                  ports=port, profile=profile, env=env, label=label, backend=backend,
-                 network=network)
+                 network=network, timeout=timeout, idle_timeout=idle_timeout,
+                 on_timeout=on_timeout, restart=restart)
     sb = _engine().create(name, spec, start=False)
     output.ok(f"created {sb.name} ({sb.spec.image}); start it with `aiva start {sb.name}`")
 
@@ -111,13 +125,17 @@ def start(
     label: LabelOpt = None,
     backend: BackendOpt = None,
     network: NetworkOpt = "nat",
+    timeout: TimeoutOpt = None,
+    idle_timeout: IdleOpt = None,
+    on_timeout: OnTimeoutOpt = None,
+    restart: RestartOpt = None,
     from_snapshot: Annotated[str | None, typer.Option(
         "--from-snapshot", help="SOURCE:TAG: a new sandbox from a snapshot (fork)")] = None,
 ) -> None:
     """Start a sandbox, creating it first if there is none by that name."""
     engine = _engine()
     given = [template, image, cpus, memory, disk, port, profile, env, label, backend,
-             network != "nat"]
+             network != "nat", timeout, idle_timeout, on_timeout, restart]
     if from_snapshot:
         source, sep, tag = from_snapshot.partition(":")
         if not sep or not source or not tag or any(given):
@@ -138,7 +156,8 @@ def start(
     else:
         spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
                      ports=port, profile=profile, env=env, label=label, backend=backend,
-                     network=network)
+                     network=network, timeout=timeout, idle_timeout=idle_timeout,
+                     on_timeout=on_timeout, restart=restart)
         with output.status(f"starting {name} ..."):
             sb = engine.create(name, spec)
     ports = ", ".join(sb.runtime.get("ports") or [])
@@ -180,6 +199,26 @@ def stop(
     """Stop a sandbox (gracefully, or at once with --force). Its data is kept."""
     _engine().stop(name, force=force)
     output.ok(f"{name} stopped")
+
+
+@app.command()
+def extend(
+    name: str,
+    seconds: Annotated[float | None, typer.Argument(help="default: one more full timeout")]
+    = None,
+) -> None:
+    """Push a sandbox's timeout back (and count as activity for its idle timeout)."""
+    from aiva import lifetimes
+    from aiva.engine import Engine
+
+    engine = Engine()  # the state db directly: a running daemon reads it on its next tick
+    try:
+        sb = lifetimes.extend(engine, name, seconds)
+    finally:
+        engine.close()
+    deadline = sb.runtime.get("deadline")
+    output.ok(f"{name}: deadline in {deadline - time.time():.0f}s" if deadline
+              else f"{name}: idle time reset")
 
 
 @app.command()

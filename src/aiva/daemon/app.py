@@ -29,7 +29,7 @@ from aiva.daemon import wire
 from aiva.daemon.bridge import run_sync
 from aiva.engine import Engine
 from aiva.errors import AivaError, InvalidValue
-from aiva.models import Event, PortSpec, SandboxInfo, SandboxSpec
+from aiva.models import Event, OnTimeout, PortSpec, SandboxInfo, SandboxSpec
 
 log = logging.getLogger("aiva.daemon")
 
@@ -184,6 +184,10 @@ class SpecFields(BaseModel):
     labels: dict[str, str] | None = None
     backend: str | None = None
     network: str = "nat"
+    timeout: float | None = None
+    idle_timeout: float | None = None
+    on_timeout: OnTimeout | None = None
+    restart: str | None = None
 
 
 class CreateRequest(SpecFields):

@@ -35,7 +35,7 @@ from aiva.daemon.transport import (
 )
 from aiva.errors import BackendUnavailable, SandboxNotFound
 from aiva.metrics import SandboxMetrics
-from aiva.models import Event, PortSpec, SandboxInfo, SandboxSpec
+from aiva.models import Event, OnTimeout, PortSpec, SandboxInfo, SandboxSpec
 from aiva.sync import SyncReport
 
 
@@ -111,11 +111,16 @@ class RemoteEngine:
         labels: dict[str, str] | None = None,
         backend: str | None = None,
         network: str = "nat",
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        on_timeout: OnTimeout | None = None,
+        restart: str | None = None,
     ) -> SandboxSpec:
         """The spec the daemon would build: its config and profiles fill the gaps."""
         body = {"image": image, "template": template, "profile": profile, "cpus": cpus,
                 "memory": memory, "disk": disk, "env": env, "labels": labels,
-                "backend": backend, "network": network,
+                "backend": backend, "network": network, "timeout": timeout,
+                "idle_timeout": idle_timeout, "on_timeout": on_timeout, "restart": restart,
                 "ports": None if ports is None else [
                     p.model_dump(mode="json") if isinstance(p, PortSpec) else p
                     for p in ports]}

@@ -133,12 +133,14 @@ class _Server(uvicorn.Server):
 async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine) -> None:
     """Serve every listener, with the metrics sampler beside them, until a signal."""
     from aiva.collector import run_sampler
+    from aiva.lifetimes import run_lifetimes
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     settings = engine.config.collector
     sampler = asyncio.create_task(
         run_sampler(engine, settings.interval, settings.retention, stop))
+    lifetimes = asyncio.create_task(run_lifetimes(engine, 2.0, stop))
 
     def shut_down() -> None:
         stop.set()
@@ -154,6 +156,7 @@ async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine) -> 
     finally:
         stop.set()
         await sampler
+        await lifetimes
 
 
 # ---------------------------------------------------------------------- control

@@ -111,12 +111,17 @@ class AsyncSandbox:
         labels: dict[str, str] | None = None,
         backend: str | None = None,
         network: str = "nat",
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        on_timeout: str | None = None,
+        restart: str | None = None,
         engine: Engine | None = None,
     ) -> AsyncSandbox:
         sb = await asyncio.to_thread(
             Sandbox.create, name, template=template, image=image, profile=profile, cpus=cpus,
             memory=memory, disk=disk, env=env, ports=ports, labels=labels, backend=backend,
-            network=network, engine=engine,
+            network=network, timeout=timeout, idle_timeout=idle_timeout,
+            on_timeout=on_timeout, restart=restart, engine=engine,
         )
         return cls(sb)
 

@@ -159,13 +159,20 @@ class Sandbox:
         labels: dict[str, str] | None = None,
         backend: str | None = None,
         network: str = "nat",
+        timeout: float | None = None,
+        idle_timeout: float | None = None,
+        on_timeout: str | None = None,
+        restart: str | None = None,
         engine: Engine | None = None,
     ) -> Sandbox:
         """Create and start a sandbox; destroyed on leaving a ``with`` block."""
         engine = engine or default_engine()
         spec = engine.build_spec(image=image, template=template, profile=profile, cpus=cpus,
                                  memory=memory, disk=disk, env=env, ports=ports, labels=labels,
-                                 backend=backend, network=network)
+                                 backend=backend, network=network, timeout=timeout,
+                                 idle_timeout=idle_timeout,
+                                 on_timeout=on_timeout,  # type: ignore[arg-type]
+                                 restart=restart)
         info = engine.create(name or f"sb-{uuid.uuid4().hex[:8]}", spec)
         return cls(info, engine=engine, owned=True)
 
