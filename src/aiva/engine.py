@@ -8,12 +8,15 @@ either.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import shlex
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Literal, cast
+from typing import IO, Any, Literal, TypeVar, cast
 
 from pydantic import ValidationError
 
@@ -41,6 +44,18 @@ from aiva.models import (
 from aiva.store import Store
 
 _STREAM = {FrameKind.STDOUT: "stdout", FrameKind.STDERR: "stderr"}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _exclusive_op(method: _F) -> _F:
+    """Run a lifecycle operation holding its sandbox's lock (see ``Engine._exclusive``)."""
+
+    @functools.wraps(method)
+    def run(self: Engine, name: str, *args: Any, **kwargs: Any) -> Any:
+        with self._exclusive(name):
+            return method(self, name, *args, **kwargs)
+
+    return cast(_F, run)
 
 #: Keys `aiva config NAME set` may change on an existing sandbox, and how they apply.
 LIVE_KEYS = {"cpus", "memory"}
@@ -56,6 +71,34 @@ class Engine:
         self._agents: dict[str, AgentClient] = {}
         self._cmdlogs: dict[str, CommandLog] = {}
         self._lock = threading.RLock()
+        self._held = threading.local()
+
+    # ------------------------------------------------------------------ locking
+
+    @contextmanager
+    def _exclusive(self, name: str, *, wait: bool = True) -> Iterator[bool]:
+        """One lifecycle operation per sandbox at a time, across threads and processes
+        (flock on ``run/locks/NAME.lock``), so the daemon's reconcile never reads a
+        sandbox halfway through a snapshot, restore or start. Re-entrant per thread;
+        with ``wait=False`` it yields False instead of waiting."""
+        held: set[str] = self._held.__dict__.setdefault("names", set())
+        if name in held:
+            yield True
+            return
+        path = aiva_home() / "run" / "locks" / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            held.add(name)
+            try:
+                yield True
+            finally:
+                held.discard(name)
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ backends
 
@@ -136,6 +179,7 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @_exclusive_op
     def create(self, name: str, spec: SandboxSpec, *, start: bool = True) -> SandboxInfo:
         sb = self.store.add(SandboxInfo(name=check_name(name), spec=spec))
         backend = self._backend_of(sb)
@@ -151,6 +195,7 @@ class Engine:
             return self.store.transition(name, State.STOPPED)
         return self._boot(sb)
 
+    @_exclusive_op
     def start(self, name: str) -> SandboxInfo:
         sb = self.reconcile(self.get(name))
         check_action(name, sb.state, "start")
@@ -174,6 +219,7 @@ class Engine:
         plugins.call_hook("on_vm_start", sandbox=sb)
         return sb
 
+    @_exclusive_op
     def stop(self, name: str, *, force: bool = False) -> SandboxInfo:
         sb = self.get(name)
         check_action(name, sb.state, "stop")
@@ -189,6 +235,7 @@ class Engine:
         plugins.call_hook("on_vm_stop", sandbox=sb)
         return sb
 
+    @_exclusive_op
     def pause(self, name: str) -> SandboxInfo:
         sb = self.get(name)
         check_action(name, sb.state, "pause")
@@ -197,6 +244,7 @@ class Engine:
         self._record("paused", sb)
         return sb
 
+    @_exclusive_op
     def resume(self, name: str) -> SandboxInfo:
         sb = self.get(name)
         check_action(name, sb.state, "resume")
@@ -205,6 +253,7 @@ class Engine:
         self._record("resumed", sb)
         return sb
 
+    @_exclusive_op
     def delete(self, name: str, *, volumes: bool = False) -> None:
         sb = self.get(name)
         self._drop_agent(sb)
@@ -224,6 +273,7 @@ class Engine:
 
     # ------------------------------------------------------------------ snapshots
 
+    @_exclusive_op
     def snapshot(self, name: str, tag: str | None = None) -> dict[str, Any]:
         """Save a running or stopped sandbox under ``tag`` (default: a timestamp)."""
         sb = self.reconcile(self.get(name))
@@ -246,6 +296,7 @@ class Engine:
         raise InvalidValue(f"sandbox '{sb.name}' has no snapshot '{tag}'",
                            hint=f"list them with `aiva snapshot {sb.name} --list`")
 
+    @_exclusive_op
     def restore(self, name: str, tag: str) -> SandboxInfo:
         """Put a sandbox back to a snapshot, in place."""
         sb = self.reconcile(self.get(name))
@@ -259,6 +310,7 @@ class Engine:
         self._record("restored", sb, tag=tag, memory=snap.get("memory", False))
         return sb
 
+    @_exclusive_op
     def fork(self, name: str, source: str, tag: str) -> SandboxInfo:
         """A new sandbox started from ``source``'s snapshot ``tag``."""
         src = self.get(source)
@@ -290,7 +342,12 @@ class Engine:
         return self.reconcile(self.get(name))
 
     def reconcile(self, sb: SandboxInfo) -> SandboxInfo:
-        """Make the stored state agree with what the engine really runs."""
+        """Make the stored state agree with what the engine really runs (unless an
+        operation is changing the sandbox right now: then its word is the newer one)."""
+        with self._exclusive(sb.name, wait=False) as mine:
+            return self._reconcile(sb) if mine else sb
+
+    def _reconcile(self, sb: SandboxInfo) -> SandboxInfo:
         if sb.state == State.CREATING:
             return sb
         obs = self._backend_of(sb).observe(sb)
@@ -540,6 +597,7 @@ class Engine:
                                hint=f"keys: {', '.join(sorted(data))}, env.NAME, labels.NAME")
         return data[head]
 
+    @_exclusive_op
     def set_setting(self, name: str, key: str, value: str) -> SandboxInfo:
         """Change one key; limits apply live, env applies to the next command."""
         sb = self.get(name)
