@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +56,8 @@ MB = 1_000_000
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # piped output would otherwise wrap the table at 80 columns
+from common import fmt, no_sigint, pct, ratio, sample  # noqa: E402
+
 console = Console(width=None if sys.stdout.isatty() else 140)
 T = TypeVar("T")
 
@@ -118,31 +117,6 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
     return time.perf_counter() - t0, out
 
 
-def sample(fn: Callable[[], object], n: int, *, warm: int = 0) -> list[float]:
-    """Wall time of ``n`` calls of ``fn`` (after ``warm`` untimed ones), in seconds."""
-    for _ in range(warm):
-        fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def pct(xs: list[float], q: float) -> float:
-    """The q-th percentile, linearly interpolated between closest ranks."""
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else math.inf
-
-
 def run_quiet(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if proc.returncode != 0:
@@ -156,16 +130,6 @@ def docker_run_true() -> None:
 
 def ms(xs: list[float]) -> list[float]:
     return [round(x * 1e3, 4) for x in xs]
-
-
-@contextmanager
-def no_sigint() -> Iterator[None]:
-    """Let cleanup finish even if Ctrl-C is pressed again."""
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 # ---------------------------------------------------------------------- bookkeeping
@@ -406,14 +370,6 @@ def host_facts(client: Any, c: Counts, quick: bool) -> dict[str, Any]:
         "quick": quick,
         "counts": asdict(c),
     }
-
-
-def fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if math.isinf(x):
-        return "inf"
-    return f"{x:.3g}" if abs(x) < 10 else f"{x:,.0f}"
 
 
 def render(rows: list[Row]) -> None:

@@ -27,21 +27,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import queue
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,6 +73,8 @@ RAW_INIT = b"Run /init as init process"  # the kernel hands over (printed withou
 RAW_DONE = b"AIVA-INIT-ERROR"  # /init ran, found no aiva.root= and powers off
 AGENT_START = "AIVA-AGENT-START"
 RESULTS = Path(__file__).resolve().parent / "results"
+
+from common import fmt, no_sigint, pct, ratio, sample  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 
@@ -127,31 +126,6 @@ def progress(msg: str) -> None:
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False)
 
 
-def sample(fn: Callable[[], object], n: int, *, warm: int = 0) -> list[float]:
-    """Wall time of ``n`` calls of ``fn`` (after ``warm`` untimed ones), in seconds."""
-    for _ in range(warm):
-        fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def pct(xs: list[float], q: float) -> float:
-    """The q-th percentile, linearly interpolated between closest ranks."""
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else math.inf
-
-
 def ms(xs: list[float]) -> list[float]:
     return [round(x * 1e3, 2) for x in xs]
 
@@ -178,16 +152,6 @@ def read_pid(path: Path) -> int:
         return int(path.read_text().strip())
     except (OSError, ValueError) as exc:
         raise BenchError(f"no pid in {path}: {exc}") from None
-
-
-@contextmanager
-def no_sigint() -> Iterator[None]:
-    """Let cleanup finish even if Ctrl-C is pressed again."""
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 # ---------------------------------------------------------------------- aiva side
@@ -573,14 +537,6 @@ def host_facts(c: Counts, quick: bool, art: VmArtifacts, accel: str, smp: int
         "quick": quick,
         "counts": asdict(c),
     }
-
-
-def fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if math.isinf(x):
-        return "inf"
-    return f"{x:.3g}" if abs(x) < 10 else f"{x:,.0f}"
 
 
 def render(rows: list[Row], accel: str, notes: list[str]) -> None:
