@@ -37,6 +37,14 @@ FAKE_QEMU = textwrap.dedent("""
 """)
 
 
+def _gone(pid: int) -> bool:
+    """Exited (or a zombie nobody reaped yet); it may vanish between two reads."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def wait_for(cond: object, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -106,8 +114,7 @@ def test_a_client_that_leaves_has_its_command_cancelled(
     pid = json.loads(payload)["started"]
     assert kind == 10 and os.path.exists(f"/proc/{pid}")
     first.close()
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}")
-             or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z")
+    wait_for(lambda: _gone(pid))
     second = AgentClient(connect_unix(str(d / "agent.sock"), timeout=20))
     try:
         assert second.ping()["version"]
