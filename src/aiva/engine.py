@@ -237,20 +237,19 @@ class Engine:
 
     @_exclusive_op
     def pause(self, name: str) -> SandboxInfo:
-        sb = self.get(name)
-        check_action(name, sb.state, "pause")
-        self._backend_of(sb).pause(sb)
-        sb = self.store.transition(name, State.PAUSED, action="pause")
-        self._record("paused", sb)
-        return sb
+        return self._freeze(name, "pause", State.PAUSED, "paused")
 
     @_exclusive_op
     def resume(self, name: str) -> SandboxInfo:
+        return self._freeze(name, "resume", State.RUNNING, "resumed")
+
+    def _freeze(self, name: str, action: str, to: State, event: str) -> SandboxInfo:
+        """Pause or resume: the backend's method of the same name, then the state."""
         sb = self.get(name)
-        check_action(name, sb.state, "resume")
-        self._backend_of(sb).resume(sb)
-        sb = self.store.transition(name, State.RUNNING, action="resume")
-        self._record("resumed", sb)
+        check_action(name, sb.state, action)
+        getattr(self._backend_of(sb), action)(sb)
+        sb = self.store.transition(name, to, action=action)
+        self._record(event, sb)
         return sb
 
     @_exclusive_op
