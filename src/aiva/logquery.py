@@ -1,6 +1,6 @@
 """One query over every log aiva has (seed 000 §5.2): command output, the engines' own
-logs (container output, VM console) and aiva's log file, filtered by sandbox, source
-and time.
+logs (container output, VM console), the guest's syslog and aiva's log file, filtered by
+sandbox, source and time.
 
 Each log stays where it is written; the query reads them and sorts by time, so there is
 no second copy to keep in step. ``aiva.log`` is written through :func:`log_handler`,
@@ -30,7 +30,10 @@ log = logging.getLogger("aiva.collector")
 COMMAND_SOURCES = frozenset({"cmd", "stdout", "stderr", "exit"})
 #: ``source=`` takes a group name or one line source.
 GROUPS = {"commands": COMMAND_SOURCES, "engine": frozenset({"engine"}),
-          "aiva": frozenset({"aiva"})}
+          "syslog": frozenset({"syslog"}), "aiva": frozenset({"aiva"})}
+#: What an unknown ``source`` is told.
+SOURCES_HINT = ("use commands, engine, syslog (the guest's) or aiva, or one of cmd, stdout, "
+                "stderr, exit")
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?) ")
 
 
@@ -38,7 +41,7 @@ _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d
 class LogEntry:
     ts: datetime
     sandbox: str | None  # None: aiva's own log
-    source: str  # cmd, stdout, stderr, exit, engine or aiva
+    source: str  # cmd, stdout, stderr, exit, engine, syslog or aiva
     text: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,15 +98,15 @@ def read_aiva_log(path: Path | None = None) -> list[LogEntry]:
     return out
 
 
-def _sources(source: str | None) -> frozenset[str]:
+def line_sources(source: str | None) -> frozenset[str]:
+    """The line sources that ``source`` (a group, one line source, or None: all) means."""
     if source is None:
         return frozenset().union(*GROUPS.values())
     if source in GROUPS:
         return GROUPS[source]
     if source in COMMAND_SOURCES:
         return frozenset({source})
-    raise InvalidValue(f"unknown log source '{source}'",
-                       hint="use commands, engine or aiva, or one of cmd, stdout, stderr, exit")
+    raise InvalidValue(f"unknown log source '{source}'", hint=SOURCES_HINT)
 
 
 def _aware(ts: datetime) -> datetime:
@@ -126,7 +129,7 @@ def query_logs(engine: EngineLike, sandbox: str | None = None, source: str | Non
                limit: int | None = None) -> list[LogEntry]:
     """Log lines of one sandbox (or all) and of aiva itself, oldest first; ``limit``
     keeps the newest. With ``sandbox``, aiva.log lines count only if they name it."""
-    wanted, lo, hi = _sources(source), _when(since), _when(until)
+    wanted, lo, hi = line_sources(source), _when(since), _when(until)
     boxes = [engine.get(sandbox)] if sandbox else engine.list_all(reconcile=False)
     entries: list[LogEntry] = []
     if wanted - GROUPS["aiva"]:

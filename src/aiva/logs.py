@@ -62,10 +62,11 @@ def _parse(line: str, source: str | None = None) -> LogLine | None:
 
 def read_jsonl(path: Path, *, tail: int | None = None, source: str | None = None
                ) -> list[LogLine]:
-    """Lines of a JSON-lines log ({"t", "s", "d"}); ``source`` overrides each line's own."""
+    """Lines of a JSON-lines log ({"t", "s", "d"}); ``source`` overrides each line's own.
+    ``tail=0`` is none of them (a follow that starts now), ``None`` all of them."""
     try:
         with path.open(encoding="utf-8") as f:
-            lines: Iterable[str] = deque(f, maxlen=tail) if tail else f.readlines()
+            lines: Iterable[str] = deque(f, maxlen=tail) if tail is not None else f.readlines()
     except FileNotFoundError:
         return []
     return [rec for rec in (_parse(line, source) for line in lines) if rec is not None]

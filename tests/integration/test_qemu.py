@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from aiva import errors
+from aiva.collector import query_logs
 from aiva.config import aiva_home
 from aiva.models import State
 
@@ -67,6 +69,15 @@ def test_vm_lifecycle_keeps_data_and_leaves_nothing(qemu_ready: None, engine: An
     r = sb.commands.run("echo $((6*7)); uname -r; echo err >&2")
     assert r.exit_code == 0 and r.stdout.startswith("42\n") and r.stderr == "err\n"
     assert sb.commands.run(["python3", "-c", "print('in a vm')"]).stdout == "in a vm\n"
+    # the guest's syslog: the agent is /dev/log, a virtio-serial port carries it out
+    word = f"hello-{uuid.uuid4().hex}"
+    assert sb.commands.run(["logger", "-t", "aivatest", word]).exit_code == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not query_logs(engine, sb.name, source="syslog"):
+        time.sleep(0.05)
+    assert [e.text for e in query_logs(engine, sb.name, source="syslog")] == [
+        f"aivatest: {word}"]
+    assert any(x.source == "syslog" and x.text == f"aivatest: {word}" for x in sb.logs())
     m = sb.metrics()
     assert m.source["memory"] == "guest" and 300 << 20 < m.memory["total"] <= 512 << 20
     assert m.source["cpu"] == "proc" and m.uptime > 0 and m.disk["read_bytes"] > 0
@@ -89,6 +100,7 @@ def test_vm_lifecycle_keeps_data_and_leaves_nothing(qemu_ready: None, engine: An
     sb.start()
     assert sb.files.read("/workspace/keep.txt") == "survives a reboot"
     assert any(line.source == "engine" for line in sb.logs())
+    assert any(line.text == f"aivatest: {word}" for line in sb.logs())  # kept on the host
 
     # snapshot with a process running; then change a file, kill it, start another
     sleeper = sb.commands.run("sleep 1000", background=True)

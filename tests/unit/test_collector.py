@@ -355,7 +355,7 @@ def test_query_logs_merges_commands_engine_and_aiva_log(
     assert collector.query_logs(eng, source="engine", since=T0.timestamp() + 4.5)[0].text \
         == "booted"
     with pytest.raises(InvalidValue, match="unknown log source"):
-        collector.query_logs(eng, source="syslog")
+        collector.query_logs(eng, source="kernel")
     eng.lines["b"] = AivaError("docker is down")
     assert {e.sandbox for e in collector.query_logs(eng, source="commands")} == {"a"}
     with pytest.raises(AivaError, match="docker is down"):

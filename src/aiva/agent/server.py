@@ -5,7 +5,8 @@ library. One thread, one ``selectors`` loop: client connections (a Unix socket, 
 serial device), child process pipes, SIGCHLD and timers all wake the same loop, which
 keeps a command round trip well under a millisecond of agent time.
 
-Usage: ``python3 DIR --listen unix:/path/agent.sock`` or ``python3 DIR --stdio``.
+Usage: ``python3 DIR --listen unix:/path/agent.sock`` or ``python3 DIR --stdio``; with
+``--syslog PATH`` it is also the guest's syslog (/dev/log), appending to PATH.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import heapq
 import json
 import os
 import pwd
+import re
 import selectors
 import signal
 import socket
@@ -158,6 +160,281 @@ class Proc:
         return out
 
 
+# --------------------------------------------------------------------------- guest syslog
+
+SYSLOG_SOCKET = "/dev/log"
+SYSLOG_DGRAM_MAX = 64 << 10  # bytes kept of one datagram; the rest of a longer one is lost
+SYSLOG_BATCH = 256  # datagrams taken per wake-up before the loop serves anything else
+SYSLOG_WRITE_AT = 64 << 10  # bytes of records gathered before one write
+SYSLOG_PENDING_MAX = 1 << 20  # bytes held while the sink cannot take them (a full port)
+SYSLOG_ROTATE = 8 << 20  # a regular file moves to PATH.1 at this size
+SYSLOG_COMPLAIN_EVERY = 30.0  # seconds between two stderr lines about a failing sink
+FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp",
+              "cron", "authpriv", "ftp", "ntp", "security", "console", "solaris-cron",
+              "local0", "local1", "local2", "local3", "local4", "local5", "local6", "local7")
+SEVERITIES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+_BSD_STAMP = re.compile(r"[A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d ")
+_HOST = re.compile(r"[A-Za-z0-9._-]+$")
+_TAG = re.compile(r"[^\s:\[\]]+(\[[^\]\s]*\])?:(\s|$)")
+
+
+def _skip_structured_data(text):
+    # type: (str) -> str
+    """An RFC 5424 message after its STRUCTURED-DATA ("-" or "[id k="v" ...]...")."""
+    if text == "-" or text.startswith("- "):
+        return text[2:]
+    i, n = 0, len(text)
+    while i < n and text[i] == "[":
+        quoted = False
+        i += 1
+        while i < n:
+            c = text[i]
+            if c == "\\":
+                i += 2
+                continue
+            if c == '"':
+                quoted = not quoted
+            elif c == "]" and not quoted:
+                break
+            i += 1
+        i += 1
+    return text[i + 1:] if i < n and text[i] == " " else text[i:]
+
+
+def parse_syslog(data):
+    # type: (bytes) -> tuple
+    """(facility, severity, "tag: message") of one /dev/log datagram; never raises.
+
+    Takes RFC 3164 as libc's syslog(3), util-linux and busybox ``logger`` send it locally
+    (``<PRI>Mmm dd hh:mm:ss TAG[PID]: MSG``, also with a HOSTNAME before TAG), RFC 5424
+    (``<PRI>1 STAMP HOST APP PROCID MSGID SD MSG``) and anything else as plain text.
+    Facility and severity are names, or None if the datagram had no valid ``<PRI>``.
+    """
+    text = data.decode("utf-8", "replace").replace("\x00", "").rstrip()
+    facility = severity = None
+    end = text.find(">", 1, 5) if text.startswith("<") else -1
+    if end > 1 and text[1:end].isdigit() and int(text[1:end]) < 8 * len(FACILITIES):
+        pri = int(text[1:end])
+        facility, severity = FACILITIES[pri >> 3], SEVERITIES[pri & 7]
+        text = text[end + 1:]
+        if text.startswith("1 "):  # RFC 5424
+            parts = text.split(" ", 6)
+            if len(parts) >= 6:
+                app, procid = parts[3], parts[4]
+                msg = _skip_structured_data(parts[6]) if len(parts) > 6 else ""
+                if msg.startswith("\ufeff"):
+                    msg = msg[1:]
+                tag = "" if app == "-" else app
+                if tag and procid != "-":
+                    tag += "[%s]" % procid
+                return facility, severity, ("%s: %s" % (tag, msg) if tag else msg)
+        if _BSD_STAMP.match(text):
+            text = text[16:]
+        host, _, rest = text.partition(" ")
+        if rest and _HOST.match(host) and not _TAG.match(text) and _TAG.match(rest):
+            text = rest  # "HOSTNAME TAG: MSG": the host is this one
+    return facility, severity, text
+
+
+class SyslogSink:
+    """Appends records (JSON lines) to a regular file or a character device.
+
+    A regular file is opened for each batch (O_APPEND), so one that vanished or was moved
+    comes back, and it moves to PATH.1 at SYSLOG_ROTATE bytes. Anything else (a
+    virtio-serial port, which only one process may hold open; a FIFO) is kept open,
+    never seeked or renamed, and written without blocking: what it cannot take yet waits
+    here, up to SYSLOG_PENDING_MAX bytes, until the selector says it is writable.
+    """
+
+    def __init__(self, agent, path):
+        # type: (Agent, str) -> None
+        self.agent = agent
+        self.path = path
+        self.fd = -1  # a device's fd, kept open
+        self.pending = bytearray()
+        self.dropped = 0
+        self.waiting = False  # registered for EVENT_WRITE on self.fd
+        self.complained = 0.0
+
+    def add(self, record):
+        # type: (dict) -> None
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        if len(self.pending) + len(line) > SYSLOG_PENDING_MAX:
+            self.dropped += 1
+            return
+        if self.dropped and not self.pending:
+            self._note_dropped()
+        self.pending += line
+
+    def _note_dropped(self):
+        # type: () -> None
+        note = {"t": time.time(), "s": "syslog",
+                "d": "aiva-agent: %d syslog messages were lost (the log could not take "
+                     "them)" % self.dropped}
+        self.dropped = 0
+        self.pending += (json.dumps(note, separators=(",", ":")) + "\n").encode()
+
+    def flush(self):
+        # type: () -> None
+        if not self.pending or self.waiting:
+            return
+        try:
+            if self.fd < 0:
+                fd = self._open()
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    self._write_file(fd)
+                    return
+                self.fd = fd
+            self._write_device()
+        except OSError as exc:
+            self._complain("cannot write the syslog to %s: %s" % (
+                self.path, exc.strerror or exc))
+            self.close()
+            self.dropped += self.pending.count(b"\n")
+            del self.pending[:]
+
+    def _open(self):
+        # type: () -> int
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY
+                       | os.O_NONBLOCK, 0o644)
+
+    def _write_file(self, fd):
+        # type: (int) -> None
+        """Write what is pending to the regular file open at ``fd``, then close it."""
+        try:
+            size = os.fstat(fd).st_size
+            if size and size + len(self.pending) > SYSLOG_ROTATE:
+                os.close(fd)
+                fd = -1
+                os.replace(self.path, self.path + ".1")
+                fd = self._open()
+            view = memoryview(bytes(self.pending))  # not a view of pending: that must resize
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        del self.pending[:]
+
+    def _write_device(self):
+        # type: () -> None
+        while self.pending:
+            try:
+                n = os.write(self.fd, self.pending)
+            except (BlockingIOError, InterruptedError):
+                self.waiting = True
+                self.agent.sel.register(self.fd, selectors.EVENT_WRITE, ("syslog-out", self))
+                return
+            del self.pending[:n]
+
+    def on_writable(self):
+        # type: () -> None
+        self._unwatch()
+        self.flush()
+
+    def _unwatch(self):
+        # type: () -> None
+        if self.waiting:
+            self.waiting = False
+            try:
+                self.agent.sel.unregister(self.fd)
+            except (KeyError, ValueError):
+                pass
+
+    def close(self):
+        # type: () -> None
+        self._unwatch()
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+    def _complain(self, msg):
+        # type: (str) -> None
+        now = time.monotonic()
+        if now - self.complained >= SYSLOG_COMPLAIN_EVERY or not self.complained:
+            self.complained = now
+            log(msg)
+
+
+def syslog_owner(path):
+    # type: (str) -> str | None
+    """Why ``path`` must be left alone (a live syslog daemon, or not a socket at all), or
+    None if it is free: missing, a socket nobody is bound to, or a dangling symlink."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return "it cannot be examined (%s)" % exc.strerror
+    if not (stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        return "it is not a socket"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return None
+        if exc.errno == errno.EPROTOTYPE:
+            return "a syslog daemon serves it as a stream socket"
+        return "it cannot be reached (%s)" % exc.strerror
+    finally:
+        probe.close()
+    return "a syslog daemon serves it"
+
+
+class SyslogReceiver:
+    """The guest's /dev/log: each datagram becomes one record in a SyslogSink."""
+
+    def __init__(self, agent, sock, sock_path, sink):
+        # type: (Agent, socket.socket, str, SyslogSink) -> None
+        self.agent = agent
+        self.sock = sock
+        self.sock_path = sock_path
+        self.sink = sink
+        st = os.stat(sock_path)
+        self.ident = (st.st_dev, st.st_ino)
+
+    def on_read(self):
+        # type: () -> None
+        try:
+            for _ in range(SYSLOG_BATCH):
+                try:
+                    data = self.sock.recv(SYSLOG_DGRAM_MAX)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not data:
+                    continue  # an empty datagram, not an end of stream
+                facility, severity, text = parse_syslog(data)
+                record = {"t": time.time(), "s": "syslog", "d": text}
+                if facility is not None:
+                    record["f"], record["p"] = facility, severity
+                self.sink.add(record)
+                if len(self.sink.pending) >= SYSLOG_WRITE_AT:
+                    self.sink.flush()
+        finally:
+            self.sink.flush()
+
+    def close(self):
+        # type: () -> None
+        """Stop receiving; remove the socket file if it is still the one we made."""
+        try:
+            self.agent.sel.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            st = os.lstat(self.sock_path)
+            if (st.st_dev, st.st_ino) == self.ident:
+                os.unlink(self.sock_path)
+        except OSError:
+            pass
+        self.sock.close()
+        self.sink.flush()
+        self.sink.close()
+
+
 # --------------------------------------------------------------------------- the agent
 
 
@@ -172,6 +449,7 @@ class Agent:
         self.timer_seq = 0
         self.running = True
         self.listeners = []  # type: list
+        self.syslog = None  # type: SyslogReceiver | None
         r, w = os.pipe()
         set_nonblocking(r)
         set_nonblocking(w)
@@ -213,6 +491,37 @@ class Agent:
         sock.listen(64)
         sock.setblocking(False)
         self.sel.register(sock, selectors.EVENT_READ, ("accept", sock))
+
+    def listen_syslog(self, out_path, sock_path=SYSLOG_SOCKET):
+        # type: (str, str) -> bool
+        """Be the guest's syslog: receive datagrams at ``sock_path`` and append each to
+        ``out_path`` as a JSON line. Leaves a path a syslog daemon already serves alone."""
+        why = syslog_owner(sock_path)
+        if why is not None:
+            log("not receiving syslog at %s: %s" % (sock_path, why))
+            return False
+        tmp = "%s.aiva-%d" % (sock_path, os.getpid())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            sock.bind(tmp)
+            os.chmod(tmp, 0o666)  # every user of the guest may log
+            os.rename(tmp, sock_path)  # replaces a stale socket in one step
+            sock.setblocking(False)
+            self.syslog = SyslogReceiver(self, sock, sock_path, SyslogSink(self, out_path))
+        except OSError as exc:
+            sock.close()
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            log("not receiving syslog at %s: %s" % (sock_path, exc.strerror or exc))
+            return False
+        self.sel.register(sock, selectors.EVENT_READ, ("syslog", self.syslog))
+        return True
 
     def serve_fds(self, rfd, wfd, name):
         # type: (int, int, str) -> None
@@ -257,6 +566,10 @@ class Agent:
                         self._on_pipe(key.fd, obj)
                     elif what == "stdin":
                         self._on_stdin_writable(obj)
+                    elif what == "syslog":
+                        obj.on_read()
+                    elif what == "syslog-out":
+                        obj.on_writable()
                 except Exception as exc:  # the loop must survive anything
                     log("internal error in %s handler: %r" % (what, exc))
             self._run_timers()
@@ -296,6 +609,11 @@ class Agent:
                 os.unlink(path)
             except OSError:
                 pass
+        if self.syslog is not None:
+            try:
+                self.syslog.close()
+            except Exception as exc:
+                log("closing the syslog failed: %r" % (exc,))
         for conn in list(self.conns):
             self._flush_blocking(conn)
 
@@ -1115,8 +1433,17 @@ def main(argv=None):
                         help="serve one client on a character device (virtio-serial)")
     parser.add_argument("--vsock", type=int, action="append", default=[], metavar="PORT",
                         help="serve clients on AF_VSOCK port PORT, any CID (Firecracker)")
+    parser.add_argument("--syslog", metavar="PATH",
+                        help="receive the guest's syslog at /dev/log and append it to PATH "
+                        "as JSON lines (a file, rotated at 8 MiB, or a character device)")
+    parser.add_argument("--syslog-socket", default=SYSLOG_SOCKET, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     agent = Agent()
+    if args.syslog:  # before serving: once a client is answered, logging works
+        try:
+            agent.listen_syslog(args.syslog, args.syslog_socket)
+        except Exception as exc:  # never worth the agent itself
+            log("cannot receive syslog: %r" % (exc,))
     for spec in args.listen:
         scheme, _, path = spec.partition(":")
         if scheme != "unix" or not path:

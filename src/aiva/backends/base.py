@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from aiva.agent_client import Transport
@@ -31,7 +32,7 @@ class Observed:
 @dataclass
 class LogLine:
     ts: datetime
-    source: str  # "engine", "stdout", "stderr", "cmd", "exit"
+    source: str  # "engine", "stdout", "stderr", "cmd", "exit", "syslog"
     text: str
 
 
@@ -74,6 +75,33 @@ class Backend(ABC):
     def engine_logs(self, sb: SandboxInfo, *, tail: int | None = None,
                     follow: bool = False) -> Iterator[LogLine]:
         """The engine's own log of the sandbox (container output, VM console)."""
+
+    def syslog_path(self, sb: SandboxInfo) -> Path | None:
+        """The host file (JSON lines) that the guest's syslog goes to, or None if this
+        engine has no channel for it. The agent in the guest is the syslog daemon
+        (``--syslog``) and writes the file, directly or through a virtio-serial port."""
+        return None
+
+    def guest_syslog(self, sb: SandboxInfo, *, tail: int | None = None) -> list[LogLine]:
+        """The guest's syslog so far (the last ``tail`` lines), rotated part included;
+        every line's source is "syslog", whatever the guest wrote into the file."""
+        from aiva.logs import read_jsonl  # aiva.logs imports this module
+
+        def last(path: Path, n: int | None) -> list[LogLine]:
+            if path.is_symlink():  # the guest may write there: never follow a link
+                return []
+            # one more: the last line may be half written (the guest is still at it)
+            lines = read_jsonl(path, tail=n + 1 if n else None, source="syslog")
+            return lines[-n:] if n else lines
+
+        path = self.syslog_path(sb)
+        if path is None:
+            return []
+        lines = last(path, tail)
+        if not tail or len(lines) < tail:
+            older = path.with_name(path.name + ".1")
+            lines = last(older, tail - len(lines) if tail else None) + lines
+        return lines
 
     def snapshot(self, sb: SandboxInfo, tag: str) -> dict[str, Any]:
         """Save the sandbox under ``tag``; returns what to remember (``memory``: whether

@@ -3,8 +3,9 @@
 Each sandbox is one container whose main process (under Docker's init) is the aiva agent,
 mounted read-only from ``AIVA_HOME/agent``; the agent listens on a Unix socket in a
 per-sandbox host directory bind-mounted into the container, so every aiva process talks
-to it directly with no ``docker exec`` (and no dockerd) on the path. A named volume,
-mounted at the sandbox's workdir, holds its data across stop/start.
+to it directly with no ``docker exec`` (and no dockerd) on the path. The agent is also the
+container's /dev/log and writes the guest's syslog to ``syslog.jsonl`` in that directory.
+A named volume, mounted at the sandbox's workdir, holds its data across stop/start.
 
 Everything aiva creates carries ``aiva.managed=true`` and ``aiva.sandbox_id``; aiva never
 touches a container or volume without them.
@@ -16,6 +17,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiva import images, paths
@@ -29,6 +31,7 @@ from aiva.models import SandboxInfo, State
 AGENT_IN_SANDBOX = "/.aiva/agent"
 RUN_IN_SANDBOX = "/.aiva/run"
 SOCKET_NAME = "agent.sock"
+SYSLOG_NAME = "syslog.jsonl"  # the guest's syslog, written by the agent into the run dir
 
 _STATES = {
     "running": State.RUNNING,
@@ -153,7 +156,8 @@ class DockerBackend(Backend):
             name=f"aiva-{sb.name}-{sb.short_id}",
             hostname=sb.name[:63],
             entrypoint=["python3", "-B", "-S", AGENT_IN_SANDBOX, "--listen",
-                        f"unix:{RUN_IN_SANDBOX}/{SOCKET_NAME}"],
+                        f"unix:{RUN_IN_SANDBOX}/{SOCKET_NAME}",
+                        "--syslog", f"{RUN_IN_SANDBOX}/{SYSLOG_NAME}"],
             command=[],
             init=True,
             labels=labels_for(sb) | {f"aiva.label.{k}": v for k, v in spec.labels.items()},
@@ -287,7 +291,8 @@ class DockerBackend(Backend):
         c = self._container(sb)
         if c is None:
             return
-        stream = c.logs(stream=True, follow=follow, timestamps=True, tail=tail or "all")
+        stream = c.logs(stream=True, follow=follow, timestamps=True,
+                        tail="all" if tail is None else tail)
         pending = b""
         for chunk in stream:
             pending += chunk
@@ -296,6 +301,11 @@ class DockerBackend(Backend):
                 yield _parse_log(line)
         if pending:
             yield _parse_log(pending)
+
+    def syslog_path(self, sb: SandboxInfo) -> Path | None:
+        """The agent, as the container's /dev/log, appends to this file in the run dir
+        bind-mounted into the container: readable also once the container stopped."""
+        return paths.run_dir(sb.id) / SYSLOG_NAME
 
     def metrics(self, sb: SandboxInfo) -> SandboxMetrics:
         return docker_metrics(self._require(sb))

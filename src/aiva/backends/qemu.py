@@ -1,7 +1,8 @@
 """Sandboxes as QEMU ``microvm`` VMs: hardware isolation, the same agent as containers.
 
 Each VM lives in ``AIVA_HOME/vms/<id>/``: ``launch.json`` (the QEMU command), the
-per-VM data disk (qcow2, survives stop/start), the console log, and the sockets. The
+per-VM data disk (qcow2, survives stop/start), the console log, and the sockets; the
+guest's syslog arrives through a second virtio-serial port in ``run/<id>/syslog.jsonl``. The
 kernel, initramfs and the read-only system image are shared by every VM of a template
 (``aiva.vm.artifacts``). A supervisor process (``aiva.vm.supervisor``) owns QEMU and
 serves the agent on ``agent.sock``, so exec and file calls work exactly as for Docker.
@@ -27,6 +28,7 @@ from aiva.agent_client import AgentClient, connect_unix
 from aiva.backends.base import Observed
 from aiva.backends.supervised import (
     SOCKET_NAME,
+    SYSLOG_NAME,
     SupervisedVM,
     hostname_of,
     pid_alive,
@@ -182,6 +184,10 @@ class QemuBackend(SupervisedVM):
             return Observed(State.RUNNING)  # booting: QMP not up yet
         return Observed(State.PAUSED if status == "paused" else State.RUNNING)
 
+    def syslog_path(self, sb: SandboxInfo) -> Path | None:
+        """QEMU appends what the guest's agent writes to the port ``aiva.syslog`` here."""
+        return paths.run_dir(sb.id) / SYSLOG_NAME
+
     def metrics(self, sb: SandboxInfo) -> SandboxMetrics:
         pid = read_pid(vm_dir(sb) / "qemu.pid")
         if pid is None or not pid_alive(pid, sb.id[:12]):
@@ -302,7 +308,7 @@ def _qemu_argv(sb: SandboxInfo, accel: str, run: Path, net: network.VmNetwork) -
     cpus = max(1, min(int(spec.cpus), os.cpu_count() or 1))
     cmdline = " ".join([
         "console=ttyS0 quiet panic=-1 pci=off",
-        "aiva.root=/dev/vda aiva.data=/dev/vdb",
+        "aiva.root=/dev/vda aiva.data=/dev/vdb aiva.syslog=1",
         f"aiva.hostname={hostname_of(sb.name)}",
         *net.kernel_args(),
         # under TCG microvm's PIT cannot calibrate the TSC: give the kernel its rate
@@ -320,6 +326,9 @@ def _qemu_argv(sb: SandboxInfo, accel: str, run: Path, net: network.VmNetwork) -
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={run}/agent-up.sock,server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=aiva.agent",
+        # the guest's syslog: the agent writes JSON lines to this port, QEMU appends them
+        "-chardev", f"file,id=syslog,path={run}/{SYSLOG_NAME},append=on",
+        "-device", "virtserialport,chardev=syslog,name=aiva.syslog",
         "-chardev", f"socket,id=con,path={run}/console.sock,server=on,wait=off",
         "-serial", "chardev:con",
         "-qmp", f"unix:{run}/qmp.sock,server=on,wait=off",

@@ -19,6 +19,11 @@ from aiva.logs import follow_jsonl, read_jsonl
 from aiva.models import SandboxInfo, State
 
 SOCKET_NAME = "agent.sock"
+#: The guest's syslog on the host, in the run dir. The guest's agent writes it through a
+#: virtio-serial port named ``aiva.syslog``, which QEMU appends to this file (see
+#: ``QemuBackend.syslog_path``). Firecracker has no virtio-serial, so its VMs keep the
+#: default ``syslog_path`` of None: no guest syslog there (a vsock stream could carry it).
+SYSLOG_NAME = "syslog.jsonl"
 
 
 def vm_dir(sb: SandboxInfo) -> Path:

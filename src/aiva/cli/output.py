@@ -177,8 +177,8 @@ def log_line(line: LogLine) -> None:
         text = f"{stamp} $ {line.text}\n"
     elif line.source == "exit":
         text = f"{stamp} exit {line.text}\n"
-    elif line.source == "engine":
-        text = f"{stamp} [engine] {line.text}\n"
+    elif line.source in ("engine", "syslog", "aiva"):
+        text = f"{stamp} [{line.source}] {line.text}\n"
     else:
         text = f"{stamp} {line.text}" + ("" if line.text.endswith("\n") else "\n")
     stream.write(text)

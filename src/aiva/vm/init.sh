@@ -8,6 +8,9 @@
 #                                              instead of the virtio-serial port
 #                   aiva.halt=reboot           end by reboot, never poweroff (Firecracker on
 #                                              x86 exits only on reboot; needs reboot=k)
+#                   aiva.syslog=1              a virtio-serial port named "aiva.syslog" takes
+#                                              the guest's syslog: the agent serves /dev/log
+#                                              and writes JSON lines to it (QEMU only)
 #   root = overlay(lower=/.aiva/lower ro, upper=/.aiva/data/upper); /.aiva is a tmpfs
 #   holding bin/busybox, agent/, run/stage2.sh; the agent serves the virtio-serial port
 #   named "aiva.agent" and, when it exits, the VM syncs, remounts ro and powers off.
@@ -45,7 +48,7 @@ mount -t sysfs sysfs /sys || fail "cannot mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail "cannot mount devtmpfs"
 
 cmdline=$(cat /proc/cmdline)
-root="" data="" ip="" name="" agent="" halt=""
+root="" data="" ip="" name="" agent="" halt="" syslog=""
 for arg in $cmdline; do
     case "$arg" in
         aiva.root=*) root=${arg#*=} ;;
@@ -54,6 +57,7 @@ for arg in $cmdline; do
         aiva.hostname=*) name=${arg#*=} ;;
         aiva.agent=*) agent=${arg#*=} ;;
         aiva.halt=*) halt=${arg#*=} ;;
+        aiva.syslog=*) syslog=${arg#*=} ;;
     esac
 done
 case "$name" in *[!A-Za-z0-9.-]*) fail "bad aiva.hostname=$name" ;; esac
@@ -133,10 +137,34 @@ if [ -n "$port" ] && [ ! -c "/dev/$port" ]; then
     mknod "/dev/$port" c "${devno%%:*}" "${devno##*:}" || fail "cannot make /dev/$port"
 fi
 [ -z "$port" ] || { mkdir -p /dev/virtio-ports && ln -sf "../$port" /dev/virtio-ports/aiva.agent; }
+
+# the syslog port, named aiva.syslog, if the host said there is one; without it the VM
+# runs on, just with no syslog (nothing answers at /dev/log)
+sport=""
+if [ "$syslog" = 1 ]; then
+    n=0
+    while [ -z "$sport" ]; do
+        for f in /sys/class/virtio-ports/*/name; do
+            [ -r "$f" ] && [ "$(cat "$f")" = aiva.syslog ] && sport=${f%/name} && sport=${sport##*/}
+        done
+        [ -n "$sport" ] && break
+        n=$((n + 1))
+        [ "$n" -gt 250 ] && echo "AIVA-INIT: no virtio-serial port named aiva.syslog" && break
+        usleep 20000
+    done
+fi
+if [ -n "$sport" ] && [ ! -c "/dev/$sport" ]; then
+    devno=$(cat "/sys/class/virtio-ports/$sport/dev")
+    mknod "/dev/$sport" c "${devno%%:*}" "${devno##*:}" || sport=""
+fi
+if [ -n "$sport" ]; then
+    mkdir -p /dev/virtio-ports && ln -sf "../$sport" /dev/virtio-ports/aiva.syslog
+fi
 mount --move /dev /newroot/dev || fail "cannot move /dev into the root"
 
 {
     echo "PORT=$port"
+    echo "SYSLOG_PORT=$sport"
     echo "NAME=$name"
     echo "VSOCK=$vsock"
     echo "HALT=$halt"
@@ -195,6 +223,7 @@ fi
 echo AIVA-AGENT-START
 cd / || fail "no /"
 if [ -n "$VSOCK" ]; then set -- --vsock "$VSOCK"; else set -- --device "/dev/$PORT"; fi
+[ -z "$SYSLOG_PORT" ] || set -- "$@" --syslog /dev/virtio-ports/aiva.syslog
 $bb env -i PATH="$PATH" HOME=/root TERM=linux LANG=C.UTF-8 \
     python3 -B -S /.aiva/agent "$@" </dev/null
 halt_now
