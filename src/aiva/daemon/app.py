@@ -6,7 +6,9 @@ in-process engine about what is legal. Errors leave as ``{"error": {"type", "mes
 sandbox (exec, files, logs ...) are in :mod:`aiva.daemon.inside`.
 
 Auth is per listener (see :class:`Gate`): the Unix socket is guarded by its 0600 mode;
-the optional TCP listener (127.0.0.1 only) needs ``Authorization: Bearer <token>``.
+the optional TCP listener (127.0.0.1 only) needs ``Authorization: Bearer <token>``,
+except ``GET`` of the dashboard's static files under ``/ui/`` (and ``/``, which redirects
+there): they hold no secret (see :mod:`aiva.daemon.observe`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ LISTENER = "aiva.listener"
 class Gate:
     """One listener's door. ``token=None``: the Unix socket, whose file mode is the
     check; otherwise every request must carry the bearer token (compared in constant
-    time). Requests that did not come through a Gate are refused by :class:`_Guard`."""
+    time), but for ``GET`` of the dashboard's files (:func:`_public`). Requests that did
+    not come through a Gate are refused by :class:`_Guard`."""
 
     def __init__(self, app: ASGIApp, *, token: str | None) -> None:
         self.app = app
@@ -51,7 +54,7 @@ class Gate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
-            if self.token is not None and not self._authorized(scope):
+            if self.token is not None and not (_public(scope) or self._authorized(scope)):
                 await _unauthorized(send)
                 return
             scope = {**scope, LISTENER: "unix" if self.token is None else "tcp"}
@@ -65,6 +68,14 @@ class Gate:
                 return scheme.lower() == "bearer" and secrets.compare_digest(
                     given.strip().encode(), self.token.encode())
         return False
+
+
+def _public(scope: Scope) -> bool:
+    """The dashboard's static files (and the redirect to them): GET only, no secret in
+    them; the page then sends the token itself on every API call."""
+    path = scope.get("path", "")
+    return scope["type"] == "http" and scope.get("method") == "GET" and (
+        path in ("/", "/ui") or path.startswith("/ui/"))
 
 
 class _Guard:
@@ -102,7 +113,7 @@ Eng = Depends(engine_of)
 
 def create_app(engine: Engine, *, port: int | None = None) -> FastAPI:
     """The API over ``engine``; serve it through a :class:`Gate` per listener."""
-    from aiva.daemon import inside
+    from aiva.daemon import inside, observe
 
     app = FastAPI(title="aiva daemon", version=__version__,
                   description="aiva's Engine over HTTP: sandboxes, exec, files, events.")
@@ -114,6 +125,8 @@ def create_app(engine: Engine, *, port: int | None = None) -> FastAPI:
     _handlers(app)
     app.include_router(router)
     app.include_router(inside.router)
+    app.include_router(observe.router)
+    observe.mount_dashboard(app)
     return app
 
 
