@@ -60,6 +60,15 @@ def python_image(docker_ok: Any) -> str:
 
 
 @pytest.fixture(scope="session")
+def desktop_image(docker_ok: Any) -> str:
+    """The aiva/desktop image (XFCE, noVNC, ffmpeg ...): about 3 minutes to build the
+    first time on this machine, then cached like the others."""
+    from aiva import images
+
+    return images.build_image("desktop", client=docker_ok).tag
+
+
+@pytest.fixture(scope="session")
 def engine(python_image: str) -> Iterator[Any]:
     from aiva.engine import default_engine
 

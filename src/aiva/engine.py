@@ -20,6 +20,7 @@ from typing import IO, Any, Literal, TypeVar, cast
 
 from pydantic import ValidationError
 
+from aiva import desktop as desktop_session
 from aiva import lifetimes, metrics, paths, plugins, sync
 from aiva.agent.protocol import FrameKind
 from aiva.agent_client import AgentClient, ExecResult, OutputCallback, ProcessHandle, StdinSource
@@ -153,6 +154,13 @@ class Engine:
         bind = self.config.networking.default_bind
         port_specs = [p if isinstance(p, PortSpec) else PortSpec.parse(p, bind)
                       for p in ports or []]
+        is_desktop = desktop_session.wanted(template, image)
+        if is_desktop:
+            if _network_mode(network) == "none":
+                raise InvalidValue("a desktop sandbox needs a network: its screen is shared "
+                                   "through a published port", hint="drop `--network none`")
+            if all(p.guest_port != desktop_session.NOVNC_PORT for p in port_specs):
+                port_specs.append(desktop_session.novnc_port())
         try:
             return SandboxSpec(
                 backend=backend or (d.backend if d.backend != "auto" else self.backend().name),
@@ -167,6 +175,7 @@ class Engine:
                 ports=port_specs,
                 labels=dict(labels or {}),
                 network=_network_mode(network),
+                desktop=is_desktop,
                 timeout=timeout if timeout is not None else d.timeout,
                 idle_timeout=idle_timeout if idle_timeout is not None else d.idle_timeout,
                 on_timeout=on_timeout or d.on_timeout,
@@ -217,7 +226,22 @@ class Engine:
         sb = self.store.transition(sb.name, State.RUNNING, runtime=runtime, action="start")
         self._record("started", sb)
         plugins.call_hook("on_vm_start", sandbox=sb)
+        if sb.spec.desktop:
+            self._start_desktop(sb)
         return sb
+
+    def _start_desktop(self, sb: SandboxInfo) -> None:
+        """The desktop session; if it fails the sandbox keeps running, and says why."""
+        try:
+            desktop_session.start_session(self, sb)
+        except AivaError as exc:
+            self._record("error", sb, action="desktop", message=str(exc))
+            raise
+        self._record("desktop_ready", sb)
+
+    def desktop(self, name: str) -> desktop_session.DesktopInfo:
+        """The noVNC URL (127.0.0.1 only) and password of a running desktop sandbox."""
+        return desktop_session.info(self.get(name))
 
     @_exclusive_op
     def stop(self, name: str, *, force: bool = False) -> SandboxInfo:
@@ -267,6 +291,7 @@ class Engine:
         if log is not None:
             log.close()
         plugins.call_hook("on_vm_delete", sandbox=sb)  # before its command log goes
+        desktop_session.forget(sb)
         shutil.rmtree(paths.logs_dir(sb.id), ignore_errors=True)
         shutil.rmtree(aiva_home() / "sync" / sb.id, ignore_errors=True)
 
@@ -307,6 +332,8 @@ class Engine:
         runtime = self._backend_of(sb).restore(sb, tag, snap)
         sb = self.store.update(name, runtime=runtime)
         self._record("restored", sb, tag=tag, memory=snap.get("memory", False))
+        if sb.spec.desktop and sb.state == State.RUNNING and not snap.get("memory", False):
+            self._start_desktop(sb)  # a filesystem snapshot brings back no processes
         return sb
 
     @_exclusive_op
@@ -564,26 +591,41 @@ class Engine:
     # ------------------------------------------------------------------ logs & config
 
     def logs(self, name: str, *, tail: int | None = None) -> list[LogLine]:
+        """Command output, the engine's log and the guest's syslog, ordered by time."""
         sb = self.get(name)
-        engine_lines = list(self._backend_of(sb).engine_logs(sb, tail=tail))
-        return merge(engine_lines, read_command_log(sb.id, tail=tail), tail=tail)
+        backend = self._backend_of(sb)
+        engine_lines = list(backend.engine_logs(sb, tail=tail))
+        return merge(engine_lines, read_command_log(sb.id, tail=tail),
+                     backend.guest_syslog(sb, tail=tail), tail=tail)
 
     def follow_logs(self, name: str) -> Iterator[LogLine]:
-        """New command output and engine log lines as they come (until the caller stops)."""
+        """New command output, engine log and guest syslog lines as they come (until the
+        caller stops)."""
         import queue
 
-        sb = self.get(name)
         q: queue.SimpleQueue[LogLine] = queue.SimpleQueue()
 
         def pump(it: Iterator[LogLine]) -> None:
             for line in it:
                 q.put(line)
 
-        backend = self._backend_of(sb)
-        for it in (follow_command_log(sb.id), backend.engine_logs(sb, tail=0, follow=True)):
+        for it in self.log_streams(name):
             threading.Thread(target=pump, args=(it,), daemon=True).start()
         while True:
             yield q.get()
+
+    def log_streams(self, name: str) -> list[Iterator[LogLine]]:
+        """One endless iterator of new lines per log of the sandbox: its commands, its
+        engine log and its guest syslog. ``follow_logs`` and the daemon merge them."""
+        from aiva.logs import follow_jsonl
+
+        sb = self.get(name)
+        backend = self._backend_of(sb)
+        sources = [follow_command_log(sb.id), backend.engine_logs(sb, tail=0, follow=True)]
+        syslog = backend.syslog_path(sb)
+        if syslog is not None and not syslog.is_symlink():  # the guest may write there
+            sources.append(follow_jsonl(syslog, source="syslog"))
+        return sources
 
     def get_setting(self, name: str, key: str) -> Any:
         sb = self.get(name)

@@ -146,6 +146,20 @@ class SyncError(AivaError):
     pass
 
 
+class DesktopError(AivaError):
+    """A desktop sandbox's screen cannot be shown or recorded (not running, not ready)."""
+
+
+class NotADesktop(DesktopError, LookupError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"{name} has no desktop",
+            hint="make one with `aiva start NAME --template desktop` "
+                 "(build the image first: `aiva image build desktop`)",
+        )
+        self.name = name
+
+
 def remote_error(kind: str, message: str) -> RemoteError:
     """Map an error the agent reports to the most specific host-side type."""
     cls: type[RemoteError] = {

@@ -35,6 +35,12 @@ from aiva.errors import BackendUnavailable, ImageError, ImageNotFound, ImageUnsu
 TEMPLATES: dict[str, list[str]] = {
     "minimal": ["python3"],
     "python": ["python3", "python3-venv", "git", "ca-certificates"],
+    # a desktop to watch (seed 003 phase 2): X on a frame buffer, shared over VNC and
+    # noVNC, XFCE, a browser and a terminal; ffmpeg records the screen
+    "desktop": ["python3", "xvfb", "x11vnc", "novnc", "python3-websockify", "xfce4-session",
+                "xfwm4", "xfce4-panel", "xfdesktop4", "xfce4-settings", "dbus-x11",
+                "firefox-esr", "xterm", "ffmpeg", "x11-utils", "procps", "fonts-dejavu-core",
+                "ca-certificates"],
 }
 FORMAT_VERSION = 1  # bump when the mmdebstrap options or image changes change
 DEFAULT_SUITE = "bookworm"

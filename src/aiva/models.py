@@ -167,6 +167,7 @@ class SandboxSpec(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     workdir: str = "/workspace"
     network: Literal["nat", "none"] = "nat"
+    desktop: bool = False  # a screen to watch: noVNC published on 127.0.0.1 (aiva.desktop)
     timeout: float | None = Field(default=None, gt=0)  # seconds of life from each start
     idle_timeout: float | None = Field(default=None, gt=0)  # seconds without command/files
     on_timeout: OnTimeout = "stop"

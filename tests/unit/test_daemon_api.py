@@ -52,7 +52,7 @@ def test_remote_engine_has_every_method_the_sdk_and_cli_use() -> None:
 
 
 def _sample(cls: type[errors.AivaError]) -> errors.AivaError:
-    if cls in (errors.SandboxNotFound, errors.SandboxExists):
+    if cls in (errors.SandboxNotFound, errors.SandboxExists, errors.NotADesktop):
         return cls("box")
     if cls is errors.InvalidTransition:
         return errors.InvalidTransition("box", "paused", "use", "resume it")

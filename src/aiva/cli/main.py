@@ -16,6 +16,7 @@ import typer
 
 from aiva.cli import output
 from aiva.cli.daemon_cmd import daemon_app
+from aiva.cli.dashboard_cmd import dashboard
 from aiva.errors import AivaError, InvalidValue
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ image_app = typer.Typer(help="Build and list sandbox images (no registry needed)
                         no_args_is_help=True)
 app.add_typer(image_app, name="image")
 app.add_typer(daemon_app, name="daemon")
+app.command("dashboard")(dashboard)
 
 Format = Annotated[output.Fmt, typer.Option("--format", "-o", help="table, json or yaml")]
 
@@ -58,7 +60,8 @@ DiskOpt = Annotated[str | None, typer.Option("--disk", help="e.g. 20GB")]
 PortOpt = Annotated[list[str] | None, typer.Option(
     "--port", "-p", help="[IP:]HOST:GUEST[/udp]; binds 127.0.0.1 unless an IP is given")]
 ImageOpt = Annotated[str | None, typer.Option("--image", help="template or any local image")]
-TemplateOpt = Annotated[str | None, typer.Option("--template", "-t", help="minimal or python")]
+TemplateOpt = Annotated[str | None, typer.Option(
+    "--template", "-t", help="minimal, python or desktop")]
 ProfileOpt = Annotated[str | None, typer.Option(
     "--profile", help="minimal, standard or performance")]
 EnvOpt = Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")]
@@ -360,14 +363,26 @@ def logs(
     name: str,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
     tail: Annotated[int | None, typer.Option("--tail", "-n")] = None,
+    source: Annotated[str | None, typer.Option(
+        "--source", help="only commands, engine, syslog (the guest's) or aiva (aiva.log "
+        "lines naming the sandbox), or one of cmd, stdout, stderr, exit")] = None,
 ) -> None:
-    """Command output and the engine's log, ordered by time."""
+    """Command output, the engine's log and the guest's syslog, ordered by time."""
+    from aiva.backends.base import LogLine
+    from aiva.logquery import line_sources, query_logs
+
     engine = _engine()
-    for line in engine.logs(name, tail=tail):
-        output.log_line(line)
+    wanted = line_sources(source)  # an unknown source fails here, with the choices
+    if source is None:
+        for line in engine.logs(name, tail=tail):
+            output.log_line(line)
+    else:
+        for entry in query_logs(engine, name, source=source, limit=tail):
+            output.log_line(LogLine(entry.ts, entry.source, entry.text))
     if follow:
         for line in engine.follow_logs(name):
-            output.log_line(line)
+            if line.source in wanted:
+                output.log_line(line)
 
 
 @app.command()
@@ -403,7 +418,7 @@ def image_ls(fmt: Format = output.Fmt.table) -> None:
 
 @image_app.command("build")
 def image_build(
-    template: Annotated[str, typer.Argument(help="minimal or python")],
+    template: Annotated[str, typer.Argument(help="minimal, python or desktop")],
     force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
     container: Annotated[bool, typer.Option(
         "--container/--no-container", help="the Docker image")] = True,
@@ -447,6 +462,10 @@ from aiva.cli import observe_cmd  # noqa: E402
 app.command()(observe_cmd.events)
 app.command()(observe_cmd.metrics)
 app.command()(observe_cmd.cost)
+
+from aiva.cli import desktop_cmd  # noqa: E402
+
+app.command()(desktop_cmd.vnc)
 
 
 # ---------------------------------------------------------------------- entry

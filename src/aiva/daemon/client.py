@@ -33,6 +33,7 @@ from aiva.daemon.transport import (
     daemon_running,
     stdin_fields,
 )
+from aiva.desktop import DesktopInfo
 from aiva.errors import BackendUnavailable, SandboxNotFound
 from aiva.metrics import SandboxMetrics
 from aiva.models import Event, OnTimeout, PortSpec, SandboxInfo, SandboxSpec
@@ -287,6 +288,9 @@ class RemoteEngine:
 
     def metrics(self, name: str) -> SandboxMetrics:
         return wire.to_metrics(self._api.call("GET", self._api.sb(name, "metrics")))
+
+    def desktop(self, name: str) -> DesktopInfo:
+        return DesktopInfo(**self._api.call("GET", self._api.sb(name, "desktop")))
 
     # ------------------------------------------------------------------ data
 

@@ -26,7 +26,6 @@ from aiva.daemon.app import Eng
 from aiva.daemon.bridge import ThreadStream, feed_thread, run_sync
 from aiva.engine import Engine
 from aiva.errors import AivaError, InvalidValue
-from aiva.logs import follow_command_log
 from aiva.models import check_action
 
 log = logging.getLogger("aiva.daemon")
@@ -269,8 +268,7 @@ async def logs(name: str, tail: int | None = None, eng: Engine = Eng) -> list[di
 @router.get(SB + "/logs/follow", tags=["logs"], responses=_STREAMED)
 async def follow_logs(name: str, eng: Engine = Eng) -> StreamingResponse:
     """New log lines as they come, one JSON object a line, until the client hangs up."""
-    sb = await run_sync(eng.get, name)
-    backend = await run_sync(eng.backend, sb.spec.backend)
+    sources = await run_sync(eng.log_streams, name)
     stream = ThreadStream()
 
     def pump(lines: Iterator[LogLine]) -> None:
@@ -278,7 +276,6 @@ async def follow_logs(name: str, eng: Engine = Eng) -> StreamingResponse:
             if not stream.emit(wire.log_line(line)):
                 return
 
-    sources = [follow_command_log(sb.id), backend.engine_logs(sb, tail=0, follow=True)]
     for source in sources:
         stream.spawn(functools.partial(pump, source))
     return StreamingResponse(_ndjson(stream, heartbeat=15.0), media_type=wire.NDJSON)
@@ -287,3 +284,19 @@ async def follow_logs(name: str, eng: Engine = Eng) -> StreamingResponse:
 @router.get(SB + "/metrics", tags=["metrics"])
 async def metrics(name: str, eng: Engine = Eng) -> dict[str, Any]:
     return (await run_sync(eng.metrics, name)).to_dict()
+
+
+# ---------------------------------------------------------------------- desktop
+
+
+class DesktopView(BaseModel):
+    url: str
+    port: int
+    password: str
+
+
+@router.get(SB + "/desktop", tags=["desktop"])
+async def desktop(name: str, eng: Engine = Eng) -> DesktopView:
+    """The noVNC URL (127.0.0.1 only, password in its fragment) of a running desktop
+    sandbox; 404 if it has no desktop, 409 if it is not running."""
+    return DesktopView(**(await run_sync(eng.desktop, name)).to_dict())

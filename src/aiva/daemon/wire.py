@@ -108,7 +108,7 @@ ERRORS: dict[str, type[AivaError]] = {cls.__name__: cls for cls in (
     errors.ImageUnsupported, errors.AgentError, errors.AgentUnreachable,
     errors.ProtocolError, errors.RemoteError, errors.SandboxFileNotFound,
     errors.SandboxPermissionError, errors.SandboxFileExists, errors.CommandTimeout,
-    errors.CommandFailed, errors.SyncError,
+    errors.CommandFailed, errors.SyncError, errors.DesktopError, errors.NotADesktop,
 )}
 
 #: Most specific first: the first class the error is an instance of gives the status.
@@ -116,9 +116,11 @@ STATUS: list[tuple[type[AivaError], int]] = [
     (errors.SandboxNotFound, 404),
     (errors.SandboxFileNotFound, 404),
     (errors.ImageNotFound, 404),
+    (errors.NotADesktop, 404),
     (errors.SandboxExists, 409),
     (errors.SandboxFileExists, 409),
     (errors.InvalidTransition, 409),
+    (errors.DesktopError, 409),
     (errors.SandboxPermissionError, 403),
     (errors.InvalidValue, 400),
     (errors.ConfigError, 400),

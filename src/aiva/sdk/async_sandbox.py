@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +17,7 @@ from typing import IO, Any
 
 from aiva.agent_client import OutputCallback, StdinSource
 from aiva.backends.base import LogLine
+from aiva.desktop import DesktopInfo
 from aiva.engine import Engine
 from aiva.metrics import SandboxMetrics
 from aiva.models import SandboxInfo, State
@@ -207,6 +209,14 @@ class AsyncSandbox:
 
     async def metrics(self) -> SandboxMetrics:
         return await asyncio.to_thread(self._sb.metrics)
+
+    async def desktop(self) -> DesktopInfo:
+        return await asyncio.to_thread(self._sb.desktop)
+
+    async def record_screen(self, path: str | Path, *, duration: float | None = None,
+                            stop: threading.Event | None = None) -> int:
+        return await asyncio.to_thread(self._sb.record_screen, path, duration=duration,
+                                       stop=stop)
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

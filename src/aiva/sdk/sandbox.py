@@ -11,6 +11,7 @@ with ``Sandbox.connect`` is left as it was.
 from __future__ import annotations
 
 import builtins
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import IO, Any
 
 from aiva.agent_client import ExecResult, OutputCallback, ProcessHandle, StdinSource
 from aiva.backends.base import LogLine
+from aiva.desktop import DesktopInfo
 from aiva.engine import Engine, default_engine
 from aiva.errors import CommandFailed, CommandTimeout
 from aiva.metrics import SandboxMetrics
@@ -269,12 +271,26 @@ class Sandbox:
                                  exclude=exclude, prefer=prefer, progress=progress)
 
     def logs(self, *, tail: int | None = None) -> builtins.list[LogLine]:
-        """Command output and the engine's log, ordered by time."""
+        """Command output, the engine's log and the guest's syslog, ordered by time."""
         return self._engine.logs(self.name, tail=tail)
 
     def metrics(self) -> SandboxMetrics:
         """CPU, memory, disk and network I/O, uptime; ``.source`` says where each came from."""
         return self._engine.metrics(self.name)
+
+    # ------------------------------------------------------------------ desktop
+
+    def desktop(self) -> DesktopInfo:
+        """How to watch a desktop sandbox: the noVNC URL (127.0.0.1 only) and password."""
+        return self._engine.desktop(self.name)
+
+    def record_screen(self, path: str | Path, *, duration: float | None = None,
+                      stop: threading.Event | None = None) -> int:
+        """Record the desktop to a video file (.mp4, .mkv, .webm) until ``duration``
+        passes or ``stop`` is set; returns the bytes written."""
+        from aiva.desktop.record import record
+
+        return record(self._engine, self.name, path, duration=duration, stop=stop)
 
     # ------------------------------------------------------------------ context
 
