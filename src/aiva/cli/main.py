@@ -467,6 +467,10 @@ from aiva.cli import desktop_cmd  # noqa: E402
 
 app.command()(desktop_cmd.vnc)
 
+from aiva.cli.mcp_cmd import mcp_app  # noqa: E402
+
+app.add_typer(mcp_app, name="mcp")
+
 
 # ---------------------------------------------------------------------- entry
 
