@@ -160,9 +160,11 @@ class _OutputCollector:
     """Decodes streamed output incrementally, keeps it, and forwards it to callbacks."""
 
     def __init__(self, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None,
-                 on_bytes: Callable[[int, bytes], Any] | None = None) -> None:
+                 on_bytes: Callable[[int, bytes], Any] | None = None, *,
+                 keep: bool = True) -> None:
         import codecs
 
+        self.keep = keep  # False: pass output on only (a long session must not pile up)
         self.parts: dict[int, list[str]] = {K.STDOUT: [], K.STDERR: []}
         self.decoders = {
             K.STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
@@ -174,10 +176,13 @@ class _OutputCollector:
     def feed(self, kind: int, data: bytes) -> None:
         if self.on_bytes is not None:
             self.on_bytes(kind, data)
+        cb = self.callbacks[kind]
+        if cb is None and not self.keep:
+            return
         text = self.decoders[kind].decode(data)
         if text:
-            self.parts[kind].append(text)
-            cb = self.callbacks[kind]
+            if self.keep:
+                self.parts[kind].append(text)
             if cb is not None:
                 cb(text)
 
@@ -372,6 +377,7 @@ class AgentClient:
         on_stderr: OutputCallback | None = None,
         on_bytes: Callable[[int, bytes], Any] | None = None,
         background: bool = False,
+        keep_output: bool = True,
     ) -> ExecResult | ProcessHandle:
         req: dict[str, Any] = {"argv": argv, "stdin": stdin is not None}
         if env:
@@ -386,7 +392,7 @@ class AgentClient:
         if background:
             req["background"] = True
         ch = self._open("exec", req)
-        collector = _OutputCollector(on_stdout, on_stderr, on_bytes)
+        collector = _OutputCollector(on_stdout, on_stderr, on_bytes, keep=keep_output)
         if stdin is not None:
             self._feed_stdin(ch, stdin)
         deadline = self._deadline(None if timeout is None else timeout + TIMEOUT_GRACE)

@@ -145,6 +145,14 @@ class CollectorSettings(_Section):
     retention: float = Field(default=86400.0, gt=0)  # seconds a sample is kept
 
 
+class McpSettings(_Section):
+    """``aiva mcp serve`` and the daemon's ``/mcp``: what one tool call may return or take."""
+
+    max_output: Size = "64KB"  # kept per exec stream and per file_read; the rest is cut
+    exec_timeout: float = Field(default=120.0, gt=0)  # seconds, when a call gives none
+    max_exec_timeout: float = Field(default=600.0, gt=0)  # a larger timeout is cut to this
+
+
 class Config(_Section):
     version: str = "1.0"
     defaults: Defaults = Defaults()
@@ -152,6 +160,7 @@ class Config(_Section):
     networking: Networking = Networking()
     cost: Cost = Cost()
     collector: CollectorSettings = CollectorSettings()
+    mcp: McpSettings = McpSettings()
     profiles: dict[str, Profile] = Field(default_factory=lambda: dict(PROFILES))
 
     def profile(self, name: str | None = None) -> Profile:

@@ -13,15 +13,15 @@ import functools
 import shlex
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Literal, TypeVar, cast
+from typing import IO, Any, TypeVar, cast
 
 from pydantic import ValidationError
 
 from aiva import desktop as desktop_session
-from aiva import lifetimes, metrics, paths, plugins, sync
+from aiva import egress, lifetimes, metrics, paths, plugins, services, sync
 from aiva.agent.protocol import FrameKind
 from aiva.agent_client import AgentClient, ExecResult, OutputCallback, ProcessHandle, StdinSource
 from aiva.backends import detect_backend, make_backend
@@ -32,12 +32,15 @@ from aiva.logs import CommandLog, follow_command_log, merge, read_command_log
 from aiva.metrics import SandboxMetrics
 from aiva.models import (
     Event,
+    MountSpec,
     OnTimeout,
     PortSpec,
     SandboxInfo,
     SandboxSpec,
+    ServiceSpec,
     State,
     check_action,
+    check_mounts,
     check_name,
     check_tag,
     utcnow,
@@ -61,7 +64,7 @@ def _exclusive_op(method: _F) -> _F:
 #: Keys `aiva config NAME set` may change on an existing sandbox, and how they apply.
 LIVE_KEYS = {"cpus", "memory"}
 SPEC_KEYS = {"cpus", "memory", "disk", "pids_limit", "image", "template", "profile", "ports",
-             "workdir", "backend"}
+             "workdir", "backend", "network"}
 
 
 class Engine:
@@ -124,6 +127,11 @@ class Engine:
         plugins.call_hook("on_event", event=event)
         return event
 
+    def record(self, name: str, kind: str, **data: Any) -> Event:
+        """Add an event about sandbox ``name`` to the stream (plugins see it too): how
+        features built on the engine (an MCP session's audit ...) keep their history."""
+        return self._record(kind, self.get(name), **data)
+
     # ------------------------------------------------------------------ spec
 
     def build_spec(
@@ -144,8 +152,14 @@ class Engine:
         idle_timeout: float | None = None,
         on_timeout: OnTimeout | None = None,
         restart: str | None = None,
+        mounts: Sequence[str | MountSpec] | None = None,
     ) -> SandboxSpec:
-        """Fill a spec from the arguments, then the config defaults, then the profile."""
+        """Fill a spec from the arguments, then the config defaults, then the profile.
+
+        ``mounts``: ``DIR[:GUEST_PATH][:ro]`` strings (DIR relative to this process's
+        directory) or MountSpecs; each host directory must exist now.
+        ``network``: ``nat``, ``none`` or ``allow=HOST[:PORT][,...]`` (see ``aiva.egress``).
+        """
         d = self.config.defaults
         prof = self.config.profile(profile)
         cpus = cpus if cpus is not None else (d.cpus if d.cpus is not None else prof.cpus)
@@ -154,6 +168,9 @@ class Engine:
         bind = self.config.networking.default_bind
         port_specs = [p if isinstance(p, PortSpec) else PortSpec.parse(p, bind)
                       for p in ports or []]
+        mount_specs = [m.check_host() if isinstance(m, MountSpec) else MountSpec.parse(m)
+                       for m in mounts or []]
+        check_mounts(mount_specs, SandboxSpec.model_fields["workdir"].default)
         is_desktop = desktop_session.wanted(template, image)
         if is_desktop:
             if _network_mode(network) == "none":
@@ -173,6 +190,7 @@ class Engine:
                 pids_limit=d.pids_limit,
                 env=dict(env or {}),
                 ports=port_specs,
+                mounts=mount_specs,
                 labels=dict(labels or {}),
                 network=_network_mode(network),
                 desktop=is_desktop,
@@ -228,7 +246,29 @@ class Engine:
         plugins.call_hook("on_vm_start", sandbox=sb)
         if sb.spec.desktop:
             self._start_desktop(sb)
+        if sb.spec.service is not None:
+            self._start_service(sb)
         return sb
+
+    def _start_service(self, sb: SandboxInfo) -> None:
+        """The deployed program; if it cannot start, the sandbox runs on and says why."""
+        try:
+            services.start(self, sb, fresh=True)
+        except AivaError as exc:
+            self._record("error", sb, action="service", message=str(exc))
+
+    @_exclusive_op
+    def set_service(self, name: str, service: ServiceSpec | None) -> SandboxInfo:
+        """Deploy (or remove, with None) the sandbox's program; a running sandbox stops the
+        old one and starts the new one now, later boots start it by themselves."""
+        sb = self.get(name)
+        if sb.spec.service is not None and sb.state == State.RUNNING:
+            services.stop(self, sb)
+        sb = self.store.update(name, spec=sb.spec.model_copy(update={"service": service}))
+        self._record("deployed", sb, command=None if service is None else service.command)
+        if service is not None and sb.state == State.RUNNING:
+            services.start(self, sb, fresh=True)
+        return self.get(name)
 
     def _start_desktop(self, sb: SandboxInfo) -> None:
         """The desktop session; if it fails the sandbox keeps running, and says why."""
@@ -440,8 +480,12 @@ class Engine:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         background: bool = False,
+        on_bytes: Callable[[int, bytes], None] | None = None,
+        keep_output: bool = True,
     ) -> ExecResult | ProcessHandle:
-        """Run a command in the sandbox; a string runs through ``/bin/sh -c``."""
+        """Run a command in the sandbox; a string runs through ``/bin/sh -c``.
+        ``on_bytes(kind, data)`` gets the raw output (``FrameKind.STDOUT`` or ``STDERR``);
+        ``keep_output=False`` keeps none of it in the result (for endless streams)."""
         sb = self.get(name)
         check_action(name, sb.state, "use")
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
@@ -449,8 +493,10 @@ class Engine:
         cmd_id = log.new_command()
         log.write(cmd_id, "cmd", command if isinstance(command, str) else shlex.join(argv))
 
-        def on_bytes(kind: int, data: bytes) -> None:
+        def log_bytes(kind: int, data: bytes) -> None:
             log.write(cmd_id, _STREAM[kind], data.decode("utf-8", "replace"))
+            if on_bytes is not None:
+                on_bytes(kind, data)
 
         result = self._agent(sb).exec(
             argv,
@@ -462,8 +508,9 @@ class Engine:
             stdin=stdin,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
-            on_bytes=on_bytes,
+            on_bytes=log_bytes,
             background=background,
+            keep_output=keep_output,
         )
         if isinstance(result, ExecResult):
             log.write(cmd_id, "exit", str(result.exit_code))
@@ -675,10 +722,9 @@ class Engine:
         self.store.close()
 
 
-def _network_mode(mode: str) -> Literal["nat", "none"]:
-    if mode not in ("nat", "none"):
-        raise InvalidValue(f"unknown network mode '{mode}'", hint="use nat or none")
-    return "nat" if mode == "nat" else "none"
+def _network_mode(mode: str) -> str:
+    """``nat``, ``none`` or ``allow=HOST[,HOST...]`` (normalized); InvalidValue if bad."""
+    return egress.check_network(mode)
 
 
 def _counts(report: sync.SyncReport) -> dict[str, Any]:

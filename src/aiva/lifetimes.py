@@ -187,6 +187,15 @@ def reap_containers(engine: Engine, known: Callable[[], set[str]]) -> list[str]:
     return gone
 
 
+def reap_egress(engine: Engine, known: Callable[[], set[str]]) -> list[str]:
+    """Remove the allow-list networks and nft/iptables rules of this AIVA_HOME whose
+    sandbox the store no longer has (an orphan container goes first, above)."""
+    gone = cast(Any, engine.backend("docker")).reap_egress(known)
+    for sid in gone:
+        engine._record("reaped", None, sandbox_id=sid, backend="docker", what="egress")
+    return list(gone)
+
+
 def _kill_ours(pid_file: Path, marker: str) -> None:
     """SIGKILL the pid in ``pid_file`` only if its command line names ``marker``."""
     try:
@@ -226,14 +235,17 @@ def reap_vm_dirs(engine: Engine, known: Callable[[], set[str]]) -> list[str]:
 
 
 def tick(engine: Engine, now: float | None = None) -> list[dict[str, Any]]:
-    """One pass over every sandbox: reconcile, timeouts, restarts; then reap orphans.
+    """One pass over every sandbox: reconcile, timeouts, restarts (of sandboxes and of
+    deployed services); then reap orphans.
     One sandbox's failure is logged and never stops the pass."""
+    from aiva import services  # it builds on this module
+
     done: list[dict[str, Any]] = []
     for sb in engine.store.all():
         try:
             sb = engine.reconcile(sb)
             result = _apply_timeout(engine, sb, time.time() if now is None else now) \
-                or _apply_restart(engine, sb)
+                or _apply_restart(engine, sb) or services.check(engine, sb)
         except Exception as exc:
             log.warning("lifetimes: %s: %s", sb.name, exc)
             continue
@@ -243,7 +255,7 @@ def tick(engine: Engine, now: float | None = None) -> list[dict[str, Any]]:
     def known() -> set[str]:
         return {sb.id for sb in engine.store.all()}
 
-    for reap in (reap_containers, reap_vm_dirs):
+    for reap in (reap_containers, reap_egress, reap_vm_dirs):
         try:
             done += [{"sandbox_id": sid, "event": "reaped"} for sid in reap(engine, known)]
         except Exception as exc:  # no Docker here, say

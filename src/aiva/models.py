@@ -8,14 +8,17 @@ never a silent no-op.
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from aiva.egress import check_network
 from aiva.errors import InvalidTransition, InvalidValue
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
@@ -150,6 +153,114 @@ def _port(text: str) -> int:
     return port
 
 
+#: Guest paths a mount may not cover: aiva's own dir and the kernel's filesystems (at or
+#: under), and the system dirs the sandbox cannot run without (exactly).
+_GUEST_RESERVED_TREES = ("/.aiva", "/proc", "/sys", "/dev")
+_GUEST_RESERVED_DIRS = ("/", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr",
+                        "/etc")
+#: Not in a guest path: ':' separates the parts of --mount, and the microVM's /init reads
+#: the path from the kernel command line, split on blanks, with no quoting.
+_GUEST_BAD_CHARS = frozenset(':"\\*?[]')
+
+
+def check_guest_path(path: str) -> str:
+    """A mount's path in the sandbox, normalized; one-line InvalidValue if unusable."""
+    if not path.startswith("/"):
+        raise InvalidValue(f"mount path '{path}' in the sandbox is not absolute",
+                           hint="write DIR:/path/in/sandbox")
+    if any(c in _GUEST_BAD_CHARS or not c.isprintable() or c.isspace() for c in path):
+        raise InvalidValue(f"mount path '{path}' in the sandbox has a blank or one of "
+                           f"{''.join(sorted(_GUEST_BAD_CHARS))}",
+                           hint="pick a plain path with DIR:/path/in/sandbox")
+    norm = posixpath.normpath(path)
+    norm = "/" + norm.lstrip("/")  # normpath keeps a leading '//'
+    if norm in _GUEST_RESERVED_DIRS or any(
+            norm == t or norm.startswith(t + "/") for t in _GUEST_RESERVED_TREES):
+        raise InvalidValue(f"a mount at '{norm}' would hide what the sandbox runs on",
+                           hint="pick another path with DIR:/path/in/sandbox")
+    return norm
+
+
+def _check_host_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise InvalidValue(f"host directory '{path}' is not an absolute path")
+    return path
+
+
+class MountSpec(BaseModel):
+    """A host directory seen inside a sandbox: ``--mount DIR[:GUEST_PATH][:ro]``.
+
+    The path in the sandbox defaults to the same path as on the host, so paths a tool is
+    given on the host (an MCP client's file paths, say) mean the same file inside.
+    ``read_only`` is enforced by the host (Docker's read-only bind mount; on QEMU a
+    read-only bind mount in the file server's own mount namespace), never only by the
+    guest's mount flags.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    host_path: Annotated[str, AfterValidator(_check_host_path)]
+    guest_path: Annotated[str, AfterValidator(check_guest_path)]
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> MountSpec:
+        """'DIR', 'DIR:ro', 'DIR:/guest/path', 'DIR:/guest/path:ro' (or ':rw').
+
+        DIR may be relative (to the current directory) or start with '~'; it must be an
+        existing directory, and is stored resolved (symlinks followed).
+        """
+        parts = text.split(":")
+        read_only = False
+        if len(parts) > 1 and parts[-1] in ("ro", "rw"):
+            read_only = parts.pop() == "ro"
+        guest = parts.pop() if len(parts) > 1 and parts[-1].startswith("/") else None
+        host = ":".join(parts)
+        if not host:
+            raise InvalidValue(f"'{text}' is not a mount",
+                               hint="write DIR, DIR:ro, DIR:/path/in/sandbox[:ro]")
+        # 'DIR:x', x neither a path nor a mode (unless DIR:x is a directory's own name)
+        if len(parts) > 1 and guest is None and not Path(host).expanduser().exists():
+            raise InvalidValue(f"'{text}' is not a mount: the path in the sandbox after "
+                               "':' must be absolute, the mode ro or rw",
+                               hint="write DIR, DIR:ro, DIR:/path/in/sandbox[:ro]")
+        resolved = resolve_host_dir(host)
+        return cls(host_path=resolved,
+                   guest_path=check_guest_path(guest if guest is not None else resolved),
+                   read_only=read_only)
+
+    def check_host(self) -> MountSpec:
+        """Raise InvalidValue unless the host directory exists now."""
+        resolve_host_dir(self.host_path)
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.host_path}:{self.guest_path}:{'ro' if self.read_only else 'rw'}"
+
+
+def resolve_host_dir(path: str) -> str:
+    """``path`` made absolute and resolved; InvalidValue unless it is a directory."""
+    p = Path(path).expanduser()
+    try:
+        real = p.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise InvalidValue(f"host directory '{path}' does not exist",
+                           hint="create it, or check the path given to --mount") from None
+    if not real.is_dir():
+        raise InvalidValue(f"'{path}' is not a directory",
+                           hint="--mount takes a directory (mount its parent instead)")
+    return str(real)
+
+
+class ServiceSpec(BaseModel):
+    """A deployed program (``aiva deploy``): started after every boot, and restarted by the
+    daemon under the sandbox's restart policy when it exits (aiva.services)."""
+
+    model_config = ConfigDict(extra="forbid")
+    command: list[str] = Field(min_length=1)
+    cwd: str = "/app"
+    env: dict[str, str] = Field(default_factory=dict)
+
+
 class SandboxSpec(BaseModel):
     """What the user asked for; the backend turns it into a container or a VM."""
 
@@ -164,14 +275,39 @@ class SandboxSpec(BaseModel):
     pids_limit: int = 4096
     env: dict[str, str] = Field(default_factory=dict)
     ports: list[PortSpec] = Field(default_factory=list)
+    mounts: list[MountSpec] = Field(default_factory=list)  # host directories (--mount)
     labels: dict[str, str] = Field(default_factory=dict)
     workdir: str = "/workspace"
-    network: Literal["nat", "none"] = "nat"
+    # nat, none, or allow=HOST[,HOST...] (aiva.egress): stored normalized
+    network: Annotated[str, AfterValidator(check_network)] = "nat"
     desktop: bool = False  # a screen to watch: noVNC published on 127.0.0.1 (aiva.desktop)
+    service: ServiceSpec | None = None  # a deployed program (aiva deploy)
     timeout: float | None = Field(default=None, gt=0)  # seconds of life from each start
     idle_timeout: float | None = Field(default=None, gt=0)  # seconds without command/files
     on_timeout: OnTimeout = "stop"
     restart: RestartPolicy = "no"
+
+    @model_validator(mode="after")
+    def _mounts_fit(self) -> SandboxSpec:
+        check_mounts(self.mounts, self.workdir)
+        return self
+
+
+def check_mounts(mounts: list[MountSpec], workdir: str) -> None:
+    """No two mounts at one path; none over (or above) the workdir, which has its own
+    volume (Docker) or lives on the data disk (VMs)."""
+    seen: set[str] = set()
+    work = posixpath.normpath(workdir)
+    for m in mounts:
+        if m.guest_path in seen:
+            raise InvalidValue(f"two mounts at '{m.guest_path}' in the sandbox",
+                               hint="give one of them another path: DIR:/path/in/sandbox")
+        seen.add(m.guest_path)
+        if work == m.guest_path or work.startswith(m.guest_path.rstrip("/") + "/"):
+            raise InvalidValue(f"a mount at '{m.guest_path}' would hide the sandbox's "
+                               f"workdir {workdir} (its data volume)",
+                               hint="mount it below, e.g. "
+                               f"DIR:{work.rstrip('/')}/{posixpath.basename(m.host_path)}")
 
 
 class SandboxInfo(BaseModel):

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiva import images, paths
+from aiva import egress, images, paths
 from aiva.agent_client import Transport, connect_unix
 from aiva.backends.base import Backend, LogLine, Observed
 from aiva.config import aiva_home
@@ -119,7 +119,14 @@ class DockerBackend(Backend):
         import docker
 
         volume = None
+        pinned = None
+        if egress.mode_of(sb.spec.network) == "allow":  # names resolved now, then pinned
+            egress.check_host()
+            pinned = egress.pin(sb.spec.network)
+            sb = sb.model_copy(update={"runtime": sb.runtime | {"egress": pinned}})
         try:
+            if pinned is not None:
+                self._make_network(sb)
             volume = self.client.volumes.create(name=f"aiva-{sb.name}-{sb.short_id}",
                                                 labels=labels_for(sb))
             if copy_from is not None:
@@ -128,6 +135,8 @@ class DockerBackend(Backend):
         except BaseException as exc:
             if volume is not None:
                 volume.remove(force=True)
+            if pinned is not None:
+                self._remove_network(sb)
             if isinstance(exc, docker.errors.ImageNotFound):
                 raise ImageError(f"image {sb.spec.image} vanished: {_short(exc)}") from exc
             if isinstance(exc, docker.errors.APIError):
@@ -138,7 +147,88 @@ class DockerBackend(Backend):
             "volume": volume.name,
             "image_id": image_id,
             "agent_socket": str(paths.run_dir(sb.id) / SOCKET_NAME),
+            **({"egress": pinned} if pinned is not None else {}),
         }
+
+    # ------------------------------------------------------------------ egress allow-list
+
+    def _network_name(self, sb: SandboxInfo) -> str:
+        return f"aiva-{sb.name}-{sb.short_id}"
+
+    def _make_network(self, sb: SandboxInfo) -> Any:
+        """The sandbox's own Docker network, whose bridge (named by aiva) it alone is on:
+        the key of its nft rules. An earlier one of this sandbox is reused."""
+        import docker
+
+        name = self._network_name(sb)
+        try:
+            net = self.client.networks.get(name)
+        except docker.errors.NotFound:
+            return self.client.networks.create(
+                name, driver="bridge", labels=labels_for(sb) | {"aiva.purpose": "egress"},
+                options={"com.docker.network.bridge.name": egress.docker_bridge(sb.id)})
+        if (net.attrs.get("Labels") or {}).get("aiva.sandbox_id") != sb.id:
+            raise BackendError(f"a Docker network named {name} exists and is not {sb.name}'s",
+                               hint="remove it, or give the sandbox another name")
+        return net
+
+    def _networks_of(self, home: str) -> list[Any]:
+        flt = {"label": ["aiva.managed=true", f"aiva.home={home}", "aiva.purpose=egress"]}
+        return [n for n in self.client.networks.list(filters=flt)
+                if (n.attrs.get("Labels") or {}).get("aiva.home") == home]
+
+    def _remove_network(self, sb: SandboxInfo) -> None:
+        """The sandbox's nft table, DOCKER-USER rules and network; idempotent."""
+        import docker
+
+        if os.geteuid() == 0:
+            egress.remove_docker(sb.id)
+        for net in self._networks_of(str(aiva_home())):
+            if (net.attrs.get("Labels") or {}).get("aiva.sandbox_id") == sb.id:
+                try:
+                    net.remove()
+                except docker.errors.NotFound:
+                    pass
+
+    def reap(self, live_ids: set[str]) -> list[str]:
+        """Allow-list leftovers of this AIVA_HOME's sandboxes that are gone: those neither
+        live nor with a container (a stopped sandbox keeps its network and rules). On
+        every start, so cheap: one listing when this home has no allow-list network
+        (rules go before their network; the daemon's ``reap_egress`` finds any others)."""
+        if not self._networks_of(str(aiva_home())):
+            return []
+
+        def known() -> set[str]:
+            flt = {"label": ["aiva.managed=true", f"aiva.home={aiva_home()}"]}
+            return set(live_ids) | {c.labels.get("aiva.sandbox_id", "") for c in
+                                    self.client.containers.list(all=True, filters=flt)}
+
+        return self.reap_egress(known)
+
+    def reap_egress(self, known: Callable[[], set[str]]) -> list[str]:
+        """Remove the egress networks and rules of this AIVA_HOME whose sandbox is not in
+        ``known()`` (read after listing, so one being made now is never hit); nothing of
+        any other AIVA_HOME. Returns the sandbox ids (short ones for rules alone)."""
+        import docker
+
+        nets = self._networks_of(str(aiva_home()))
+        ids = known()
+        gone: set[str] = set()
+        for net in nets:
+            sid = (net.attrs.get("Labels") or {}).get("aiva.sandbox_id")
+            if not sid or sid in ids:
+                continue
+            if os.geteuid() == 0:
+                egress.remove_docker(sid)
+            try:
+                net.remove()
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError:
+                continue  # still in use: its orphan container goes first
+            gone.add(sid)
+        rules = egress.reap_docker(lambda: {i[:8] for i in ids})
+        return sorted(gone | {s for s in rules if not any(g.startswith(s) for g in gone)})
 
     def _make_container(self, sb: SandboxInfo, image_id: str, volume: str) -> Any:
         import docker
@@ -168,6 +258,9 @@ class DockerBackend(Backend):
                 docker.types.Mount(RUN_IN_SANDBOX, str(run), type="bind"),
                 docker.types.Mount(AGENT_IN_SANDBOX, str(paths.agent_bundle()),
                                    type="bind", read_only=True),
+                # host directories (--mount); read_only is the kernel's, outside the guest
+                *(docker.types.Mount(m.guest_path, m.host_path, type="bind",
+                                     read_only=m.read_only) for m in spec.mounts),
             ],
             **_cpu(spec.cpus),
             mem_limit=spec.memory,
@@ -175,6 +268,10 @@ class DockerBackend(Backend):
             pids_limit=spec.pids_limit,
             ports=ports,
             network_mode="none" if spec.network == "none" else None,
+            # allow=...: its own network, and the pinned names in its /etc/hosts
+            network=self._network_name(sb) if "egress" in sb.runtime else None,
+            extra_hosts=[f"{name}:{addr}" for name, addr
+                         in egress.hosts_lines(sb.runtime.get("egress"))] or None,
             stop_signal="SIGTERM",
         )
 
@@ -184,6 +281,8 @@ class DockerBackend(Backend):
         c = self._require(sb)
         sock = paths.run_dir(sb.id) / SOCKET_NAME
         sock.unlink(missing_ok=True)  # a stale socket from the last run must not fool us
+        if "egress" in sb.runtime:  # rules first: the sandbox never runs without them
+            egress.apply_docker(sb.id, sb.runtime["egress"])
         try:
             c.start()
         except docker.errors.APIError as exc:
@@ -251,6 +350,8 @@ class DockerBackend(Backend):
                         vol.remove(force=True)
                 except docker.errors.NotFound:
                     pass
+            if "egress" in sb.runtime or egress.mode_of(sb.spec.network) == "allow":
+                self._remove_network(sb)
         except docker.errors.APIError as exc:
             raise BackendError(f"Docker could not remove {sb.name}: {_short(exc)}",
                                hint="retry `aiva rm`; see `docker ps -a`") from exc

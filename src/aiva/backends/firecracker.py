@@ -91,6 +91,10 @@ class FirecrackerBackend(SupervisedVM):
     def create(self, sb: SandboxInfo) -> dict[str, Any]:
         from aiva.vm import artifacts
 
+        if sb.spec.mounts:
+            raise BackendUnavailable(
+                "Firecracker VMs cannot mount host directories: Firecracker has no "
+                "virtio-fs (nor 9p)", hint="use --backend qemu or docker for --mount")
         self.check()
         art = artifacts.ensure_vm_artifacts(template_of(sb))
         d = vm_dir(sb)

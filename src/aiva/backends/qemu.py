@@ -6,6 +6,8 @@ guest's syslog arrives through a second virtio-serial port in ``run/<id>/syslog.
 kernel, initramfs and the read-only system image are shared by every VM of a template
 (``aiva.vm.artifacts``). A supervisor process (``aiva.vm.supervisor``) owns QEMU and
 serves the agent on ``agent.sock``, so exec and file calls work exactly as for Docker.
+Host directories (``--mount``) come in over virtio-fs, served by a virtiofsd the
+supervisor runs beside QEMU (``aiva.vm.hostfs``).
 
 KVM is used only where a bounded probe shows it can boot the kernel; otherwise TCG.
 """
@@ -23,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiva import paths
+from aiva import egress, paths
 from aiva.agent_client import AgentClient, connect_unix
 from aiva.backends.base import Observed
 from aiva.backends.supervised import (
@@ -37,10 +39,10 @@ from aiva.backends.supervised import (
     vm_dir,
 )
 from aiva.config import load_config
-from aiva.errors import AgentError, BackendError, BackendUnavailable
+from aiva.errors import AgentError, BackendError, BackendUnavailable, InvalidValue
 from aiva.metrics import SandboxMetrics, qemu_host_metrics
 from aiva.models import SandboxInfo, State
-from aiva.vm import network
+from aiva.vm import hostfs, network
 from aiva.vm.kernel import tcg_kernel_args
 
 QEMU = "qemu-system-x86_64"
@@ -85,6 +87,13 @@ class QemuBackend(SupervisedVM):
         from aiva.vm import artifacts, disks
 
         self.check()
+        if sb.spec.mounts:
+            hostfs.check_host()
+        pinned = None
+        if egress.mode_of(sb.spec.network) == "allow":  # names resolved now, then pinned
+            network.check_host()
+            egress.check_host()
+            pinned = egress.pin(sb.spec.network)
         art = artifacts.ensure_vm_artifacts(template_of(sb))
         d = vm_dir(sb)
         d.mkdir(parents=True, exist_ok=True)
@@ -98,23 +107,28 @@ class QemuBackend(SupervisedVM):
             "rootfs": str(art.rootfs),
             "data_disk": str(data),
             "agent_socket": str(paths.run_dir(sb.id) / SOCKET_NAME),
+            **({"egress": pinned} if pinned is not None else {}),
         }
 
     def start(self, sb: SandboxInfo) -> dict[str, Any]:
         self.check()
         d, run = vm_dir(sb), paths.run_dir(sb.id)
         run.mkdir(parents=True, exist_ok=True)
-        for stale in ("exit.json", "qemu.pid"):
+        for stale in ("exit.json", "qemu.pid", hostfs.PIDS):
             (d / stale).unlink(missing_ok=True)
         rt = sb.runtime
         accel = self.accel(Path(rt["kernel"]), Path(rt["initramfs"]))
-        net = network.setup_vm_network(sb.id, sb.spec.network, sb.spec.ports)
+        # host directories: virtiofsd, which the supervisor starts before QEMU
+        helpers = [hostfs.helper(sb, d, run)] if sb.spec.mounts else []
+        net = network.setup_vm_network(sb.id, egress.mode_of(sb.spec.network), sb.spec.ports,
+                                       allow=rt.get("egress"))
         argv = _qemu_argv(sb, accel, run, net)
         if rt.get("pending_loadvm"):  # a restored or forked VM resumes its saved memory
             argv += ["-loadvm", rt["pending_loadvm"]]
         launch = {"argv": argv, "console": str(run / "console.sock"),
                   "agent_upstream": str(run / "agent-up.sock"),
-                  "agent_listen": str(run / SOCKET_NAME), "network": net.to_dict()}
+                  "agent_listen": str(run / SOCKET_NAME), "network": net.to_dict(),
+                  "helpers": helpers}
         (d / "launch.json").write_text(json.dumps(launch, indent=1))
         with (d / "supervisor.log").open("ab") as log:
             sup = subprocess.Popen([sys.executable, "-m", "aiva.vm.supervisor", str(d)],
@@ -128,6 +142,8 @@ class QemuBackend(SupervisedVM):
                 str(run / SOCKET_NAME), timeout=BOOT_TIMEOUT,
                 alive=lambda: sup.poll() is None and not (d / "exit.json").exists()))
             client.ping(timeout=BOOT_TIMEOUT)
+            if egress.hosts_lines(rt.get("egress")):
+                _pin_hosts(client, rt["egress"])
             client.close()
         except AgentError as exc:
             self._kill(sb)
@@ -203,6 +219,11 @@ class QemuBackend(SupervisedVM):
     def snapshot(self, sb: SandboxInfo, tag: str) -> dict[str, Any]:
         """Running: ``savevm`` (disk and memory, inside the data disk's qcow2);
         stopped: a disk-only internal snapshot."""
+        if self._running(sb) and sb.spec.mounts:
+            raise BackendError(
+                f"{sb.name} mounts host directories, so QEMU cannot save its memory "
+                "(a virtio-fs device cannot be migrated)",
+                hint=f"stop it first for a disk snapshot: `aiva stop {sb.name}`")
         if self._running(sb):
             started = time.monotonic()
             self._hmp(sb, f"savevm {tag}")
@@ -255,7 +276,11 @@ class QemuBackend(SupervisedVM):
         d = vm_dir(sb)
         qemu_pid = read_pid(d / "qemu.pid")
         sup_pid = read_pid(d / "supervisor.pid")
-        for pid in (qemu_pid, sup_pid):
+        try:  # virtiofsd: it would exit once QEMU is gone; a stuck one must not stay
+            helper_pids = [int(x) for x in (d / hostfs.PIDS).read_text().split()]
+        except (OSError, ValueError):
+            helper_pids = []
+        for pid in (qemu_pid, sup_pid, *helper_pids):
             if pid and pid_alive(pid, str(d) if pid == sup_pid else sb.id[:12]):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -298,6 +323,16 @@ def _qemu_img(*args: str) -> None:
                            hint="is qemu-utils installed? is the VM stopped?")
 
 
+def _pin_hosts(client: AgentClient, pinned: dict[str, Any]) -> None:
+    """An allow-list's pinned names in the guest's /etc/hosts: a convenience only (the
+    rules are on the host, whatever the guest does with this file)."""
+    try:
+        current = client.read_file("/etc/hosts").decode(errors="replace")
+    except FileNotFoundError:
+        current = ""
+    client.write_file("/etc/hosts", egress.hosts_file(current, pinned), mode=0o644)
+
+
 def _ports(net: network.VmNetwork) -> list[str]:
     return [f"{p.host_ip}:{p.host_port}->{p.guest_port}/{p.protocol}" for p in net.ports]
 
@@ -311,12 +346,18 @@ def _qemu_argv(sb: SandboxInfo, accel: str, run: Path, net: network.VmNetwork) -
         "aiva.root=/dev/vda aiva.data=/dev/vdb aiva.syslog=1",
         f"aiva.hostname={hostname_of(sb.name)}",
         *net.kernel_args(),
+        *hostfs.kernel_args(spec.mounts),
         # under TCG microvm's PIT cannot calibrate the TSC: give the kernel its rate
         *(tcg_kernel_args() if accel == "tcg" else []),
     ])
+    if len(cmdline) >= 2048:  # x86's COMMAND_LINE_SIZE: the rest would be cut off
+        raise InvalidValue(f"the mounts of {sb.name} make the kernel command line too long "
+                           f"({len(cmdline)} bytes, 2047 at most)",
+                           hint="use fewer or shorter paths in the sandbox")
+    machine = "microvm,memory-backend=mem" if spec.mounts else "microvm"
     return [
         QEMU, "-name", f"aiva-{sb.name},process=aiva-{sb.id[:12]}",
-        "-M", "microvm", "-accel", accel, "-m", str(mem_mib), "-smp", str(cpus),
+        "-M", machine, "-accel", accel, "-m", str(mem_mib), "-smp", str(cpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-kernel", rt["kernel"], "-initrd", rt["initramfs"], "-append", cmdline,
         "-drive", f"id=root,file={rt['rootfs']},format=raw,if=none,readonly=on",
@@ -333,6 +374,7 @@ def _qemu_argv(sb: SandboxInfo, accel: str, run: Path, net: network.VmNetwork) -
         "-serial", "chardev:con",
         "-qmp", f"unix:{run}/qmp.sock,server=on,wait=off",
         *net.qemu_args(),
+        *(hostfs.qemu_args(run, mem_mib) if spec.mounts else []),
         "-pidfile", str(Path(rt["vm_dir"]) / "qemu.pid"),
     ]
 

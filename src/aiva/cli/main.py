@@ -59,6 +59,9 @@ MemOpt = Annotated[str | None, typer.Option("--memory", "-m", help="e.g. 512MB, 
 DiskOpt = Annotated[str | None, typer.Option("--disk", help="e.g. 20GB")]
 PortOpt = Annotated[list[str] | None, typer.Option(
     "--port", "-p", help="[IP:]HOST:GUEST[/udp]; binds 127.0.0.1 unless an IP is given")]
+MountOpt = Annotated[list[str] | None, typer.Option(
+    "--mount", help="DIR[:GUEST_PATH][:ro]: a host directory in the sandbox (default: at the "
+    "same path; ro: read-only)")]
 ImageOpt = Annotated[str | None, typer.Option("--image", help="template or any local image")]
 TemplateOpt = Annotated[str | None, typer.Option(
     "--template", "-t", help="minimal, python or desktop")]
@@ -75,7 +78,8 @@ OnTimeoutOpt = Annotated[str | None, typer.Option(
 RestartOpt = Annotated[str | None, typer.Option(
     "--restart", help="no, on-failure[:N] or always (the daemon restarts it)")]
 NetworkOpt = Annotated[str, typer.Option(
-    "--network", help="nat (default) or none (no network at all)")]
+    "--network", help="nat (default), none (no network at all), or allow=HOST[:PORT][,...]: "
+    "only those (names, IPv4 addresses or CIDRs; names resolved on the host and pinned)")]
 BackendOpt = Annotated[str | None, typer.Option(
     "--backend", help="docker, qemu or firecracker (default: auto, which picks docker)")]
 
@@ -104,12 +108,13 @@ def init(
     idle_timeout: IdleOpt = None,
     on_timeout: OnTimeoutOpt = None,
     restart: RestartOpt = None,
+    mount: MountOpt = None,
 ) -> None:
     """Create a sandbox without starting it."""
     spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
                  ports=port, profile=profile, env=env, label=label, backend=backend,
                  network=network, timeout=timeout, idle_timeout=idle_timeout,
-                 on_timeout=on_timeout, restart=restart)
+                 on_timeout=on_timeout, restart=restart, mounts=mount)
     sb = _engine().create(name, spec, start=False)
     output.ok(f"created {sb.name} ({sb.spec.image}); start it with `aiva start {sb.name}`")
 
@@ -132,13 +137,14 @@ def start(
     idle_timeout: IdleOpt = None,
     on_timeout: OnTimeoutOpt = None,
     restart: RestartOpt = None,
+    mount: MountOpt = None,
     from_snapshot: Annotated[str | None, typer.Option(
         "--from-snapshot", help="SOURCE:TAG: a new sandbox from a snapshot (fork)")] = None,
 ) -> None:
     """Start a sandbox, creating it first if there is none by that name."""
     engine = _engine()
     given = [template, image, cpus, memory, disk, port, profile, env, label, backend,
-             network != "nat", timeout, idle_timeout, on_timeout, restart]
+             network != "nat", timeout, idle_timeout, on_timeout, restart, mount]
     if from_snapshot:
         source, sep, tag = from_snapshot.partition(":")
         if not sep or not source or not tag or any(given):
@@ -160,7 +166,7 @@ def start(
         spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
                      ports=port, profile=profile, env=env, label=label, backend=backend,
                      network=network, timeout=timeout, idle_timeout=idle_timeout,
-                     on_timeout=on_timeout, restart=restart)
+                     on_timeout=on_timeout, restart=restart, mounts=mount)
         with output.status(f"starting {name} ..."):
             sb = engine.create(name, spec)
     ports = ", ".join(sb.runtime.get("ports") or [])
@@ -416,6 +422,28 @@ def image_ls(fmt: Format = output.Fmt.table) -> None:
     output.image_table(images.list_images(_engine().backend("docker").client), fmt)
 
 
+@image_app.command("derive")
+def image_derive(
+    tag: Annotated[str, typer.Argument(help="the new image, e.g. mytools or mytools:1")],
+    base: Annotated[str, typer.Option("--from", help="a template or a local image")],
+    run: Annotated[list[str], typer.Option(
+        "--run", help="a shell command to run in the build (repeat, in order)")],
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if cached")] = False,
+) -> None:
+    """A new image: BASE plus what the --run commands install (pip, npm, apt ...).
+
+    The build has network access and trusts the host's CA bundle; it is cached by the
+    base image and the commands.
+    """
+    from aiva import derive
+
+    client = _engine().backend("docker").client
+    with output.status(f"deriving {tag} from {base} ...") as st:
+        info = derive.derive(tag, base=base, run=run, client=client, force=force,
+                             progress=lambda msg: st.update(f"{tag}: {msg}"))
+    output.ok(f"image {info.tag} is ready ({output.size(info.size)})")
+
+
 @image_app.command("build")
 def image_build(
     template: Annotated[str, typer.Argument(help="minimal, python or desktop")],
@@ -467,8 +495,15 @@ from aiva.cli import desktop_cmd  # noqa: E402
 
 app.command()(desktop_cmd.vnc)
 
+from aiva.cli import deploy_cmd  # noqa: E402
+
+app.command()(deploy_cmd.deploy)
+
+from aiva.cli import mcp_run_cmd  # noqa: E402
 from aiva.cli.mcp_cmd import mcp_app  # noqa: E402
 
+mcp_app.command("run", context_settings=mcp_run_cmd.RUN_SETTINGS)(mcp_run_cmd.run)
+mcp_app.command("audit")(mcp_run_cmd.audit)
 app.add_typer(mcp_app, name="mcp")
 
 

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.status import Status
 from rich.table import Table
 
+from aiva import egress
 from aiva.backends.base import LogLine
 from aiva.config import format_size
 from aiva.metrics import SandboxMetrics
@@ -106,6 +107,11 @@ def sandbox(sb: SandboxInfo, fmt: Fmt, metrics: SandboxMetrics | None = None) ->
          if sb.spec.backend == "docker" else format_size(sb.spec.disk)),
         ("workdir", sb.spec.workdir),
         ("ports", ", ".join(sb.runtime.get("ports") or []) or "-"),
+        ("network", escape(sb.spec.network if "egress" not in sb.runtime else
+                           "allow " + egress.describe(sb.runtime["egress"]))),
+        ("mounts", escape(", ".join(f"{m.host_path} -> {m.guest_path}"
+                                    + (" (ro)" if m.read_only else "")
+                                    for m in sb.spec.mounts) or "-")),
         ("env", escape(", ".join(f"{k}={v}" for k, v in sb.spec.env.items()) or "-")),
         ("labels", escape(", ".join(f"{k}={v}" for k, v in sb.spec.labels.items()) or "-")),
         ("created", sb.created_at.isoformat(timespec="seconds")),

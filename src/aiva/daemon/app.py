@@ -8,7 +8,8 @@ sandbox (exec, files, logs ...) are in :mod:`aiva.daemon.inside`.
 Auth is per listener (see :class:`Gate`): the Unix socket is guarded by its 0600 mode;
 the optional TCP listener (127.0.0.1 only) needs ``Authorization: Bearer <token>``,
 except ``GET`` of the dashboard's static files under ``/ui/`` (and ``/``, which redirects
-there): they hold no secret (see :mod:`aiva.daemon.observe`).
+there): they hold no secret (see :mod:`aiva.daemon.observe`). ``/mcp`` is the MCP server
+over streamable HTTP (:mod:`aiva.mcp.http`), behind the same gate.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from aiva.daemon import wire
 from aiva.daemon.bridge import run_sync
 from aiva.engine import Engine
 from aiva.errors import AivaError, InvalidValue
-from aiva.models import Event, OnTimeout, PortSpec, SandboxInfo, SandboxSpec
+from aiva.models import Event, MountSpec, OnTimeout, PortSpec, SandboxInfo, SandboxSpec
 
 log = logging.getLogger("aiva.daemon")
 
@@ -127,6 +128,11 @@ def create_app(engine: Engine, *, port: int | None = None) -> FastAPI:
     app.include_router(inside.router)
     app.include_router(observe.router)
     observe.mount_dashboard(app)
+    # MCP over streamable HTTP, with this daemon's own engine (aiva.mcp.http)
+    from aiva.mcp.http import McpEndpoint
+
+    app.state.mcp = McpEndpoint(engine)
+    app.router.add_route("/mcp", app.state.mcp, include_in_schema=False)
     return app
 
 
@@ -194,6 +200,9 @@ class SpecFields(BaseModel):
     disk: str | int | None = None
     env: dict[str, str] | None = None
     ports: list[str | PortSpec] | None = None
+    # DIR[:GUEST_PATH][:ro] strings (DIR as the daemon sees it: give absolute paths) or
+    # MountSpecs; RemoteEngine resolves the caller's paths and sends MountSpecs
+    mounts: list[str | MountSpec] | None = None
     labels: dict[str, str] | None = None
     backend: str | None = None
     network: str = "nat"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
+from aiva.agent.protocol import FrameKind
 from aiva.agent_client import ExecResult, OutputCallback, ProcessHandle, StdinSource
 from aiva.backends.base import Backend, LogLine
 from aiva.daemon import wire
@@ -36,7 +37,15 @@ from aiva.daemon.transport import (
 from aiva.desktop import DesktopInfo
 from aiva.errors import BackendUnavailable, SandboxNotFound
 from aiva.metrics import SandboxMetrics
-from aiva.models import Event, OnTimeout, PortSpec, SandboxInfo, SandboxSpec
+from aiva.models import (
+    Event,
+    MountSpec,
+    OnTimeout,
+    PortSpec,
+    SandboxInfo,
+    SandboxSpec,
+    ServiceSpec,
+)
 from aiva.sync import SyncReport
 
 
@@ -54,6 +63,9 @@ class _RemoteStore:
     def events(self, *, sandbox_id: str | None = None, after: int = 0,
                limit: int | None = None) -> list[Event]:
         return self._engine.events(sandbox_id=sandbox_id, after=after, limit=limit)
+
+
+_KINDS = {"stdout": int(FrameKind.STDOUT), "stderr": int(FrameKind.STDERR)}
 
 
 class RemoteEngine:
@@ -116,15 +128,20 @@ class RemoteEngine:
         idle_timeout: float | None = None,
         on_timeout: OnTimeout | None = None,
         restart: str | None = None,
+        mounts: Sequence[str | MountSpec] | None = None,
     ) -> SandboxSpec:
-        """The spec the daemon would build: its config and profiles fill the gaps."""
+        """The spec the daemon would build: its config and profiles fill the gaps.
+        Mounts are parsed here, so a relative DIR means this process's directory."""
         body = {"image": image, "template": template, "profile": profile, "cpus": cpus,
                 "memory": memory, "disk": disk, "env": env, "labels": labels,
                 "backend": backend, "network": network, "timeout": timeout,
                 "idle_timeout": idle_timeout, "on_timeout": on_timeout, "restart": restart,
                 "ports": None if ports is None else [
                     p.model_dump(mode="json") if isinstance(p, PortSpec) else p
-                    for p in ports]}
+                    for p in ports],
+                "mounts": None if mounts is None else [
+                    (m if isinstance(m, MountSpec) else MountSpec.parse(m)).model_dump(mode="json")
+                    for m in mounts]}
         return SandboxSpec.model_validate(self._api.call("POST", f"{wire.API}/spec", json=body))
 
     # ------------------------------------------------------------------ lifecycle
@@ -205,9 +222,12 @@ class RemoteEngine:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         background: bool = False,
+        on_bytes: Callable[[int, bytes], None] | None = None,
+        keep_output: bool = True,
     ) -> ExecResult | ProcessHandle:
         """Run a command through the daemon; output reaches the callbacks as it comes.
-        A file or iterable ``stdin`` is read to its end before the command starts."""
+        A file or iterable ``stdin`` is read to its end before the command starts. A
+        background command's output is not streamed (``wait`` returns what was kept)."""
         req: dict[str, Any] = {
             "command": command if isinstance(command, str) else list(command),
             "env": env, "cwd": cwd, "user": user, "timeout": timeout,
@@ -227,10 +247,13 @@ class RemoteEngine:
                                       int(x["pid"]), bool(x["timed_out"]))
                 for key in ("stdout", "stderr"):
                     if key in event:
-                        parts[key].append(event[key])
+                        if keep_output:
+                            parts[key].append(event[key])
                         cb = callbacks[key]
                         if cb is not None:
                             cb(event[key])
+                        if on_bytes is not None:
+                            on_bytes(_KINDS[key], event[key].encode())
         raise BackendUnavailable("the aiva daemon ended the command's stream without a result",
                                  hint="see `aiva daemon status` and AIVA_HOME/daemon.log")
 
@@ -288,6 +311,10 @@ class RemoteEngine:
 
     def metrics(self, name: str) -> SandboxMetrics:
         return wire.to_metrics(self._api.call("GET", self._api.sb(name, "metrics")))
+
+    def set_service(self, name: str, service: ServiceSpec | None) -> SandboxInfo:
+        body = None if service is None else service.model_dump(mode="json")
+        return self._info("PUT", self._api.sb(name, "service"), json=body)
 
     def desktop(self, name: str) -> DesktopInfo:
         return DesktopInfo(**self._api.call("GET", self._api.sb(name, "desktop")))

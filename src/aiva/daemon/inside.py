@@ -13,7 +13,7 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,7 +26,7 @@ from aiva.daemon.app import Eng
 from aiva.daemon.bridge import ThreadStream, feed_thread, run_sync
 from aiva.engine import Engine
 from aiva.errors import AivaError, InvalidValue
-from aiva.models import check_action
+from aiva.models import SandboxInfo, ServiceSpec, check_action
 
 log = logging.getLogger("aiva.daemon")
 router = APIRouter()
@@ -284,6 +284,16 @@ async def follow_logs(name: str, eng: Engine = Eng) -> StreamingResponse:
 @router.get(SB + "/metrics", tags=["metrics"])
 async def metrics(name: str, eng: Engine = Eng) -> dict[str, Any]:
     return (await run_sync(eng.metrics, name)).to_dict()
+
+
+# ---------------------------------------------------------------------- service
+
+
+@router.put(SB + "/service", tags=["sandboxes"])
+async def set_service(name: str, service: Annotated[ServiceSpec | None, Body()] = None,
+                      eng: Engine = Eng) -> SandboxInfo:
+    """Deploy (or, with null, remove) the sandbox's long-running program."""
+    return await run_sync(eng.set_service, name, service)
 
 
 # ---------------------------------------------------------------------- desktop

@@ -31,6 +31,7 @@ from aiva.daemon.bridge import end_streams
 
 if TYPE_CHECKING:
     from aiva.engine import Engine
+    from aiva.mcp.http import McpEndpoint
 from aiva.daemon.wire import daemon_running
 from aiva.errors import AivaError, BackendUnavailable
 
@@ -74,7 +75,7 @@ def serve(port: int | None = None) -> None:
             timeout_graceful_shutdown=3)), sock) for gate, sock in listeners]
         log.info("aiva daemon %s (pid %d) on %s%s", __version__, os.getpid(),
                  wire.socket_path(), f" and 127.0.0.1:{port}" if port else "")
-        asyncio.run(_run(servers, engine))
+        asyncio.run(_run(servers, engine, app.state.mcp))
     finally:
         engine.close()
         for path in (wire.socket_path(), wire.pid_path(), wire.state_path()):
@@ -130,8 +131,10 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine) -> None:
-    """Serve every listener, with the metrics sampler beside them, until a signal."""
+async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine,
+               mcp: McpEndpoint | None = None) -> None:
+    """Serve every listener, with the metrics sampler beside them, until a signal. MCP
+    sessions end first, so their open streams do not hold up the servers' shutdown."""
     from aiva.collector import run_sampler
     from aiva.lifetimes import run_lifetimes
 
@@ -144,6 +147,8 @@ async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine) -> 
 
     def shut_down() -> None:
         stop.set()
+        if mcp is not None:
+            mcp.close()
         end_streams(BackendUnavailable(
             "the aiva daemon is shutting down", hint="start it again with `aiva daemon start`"))
         for server, _ in servers:
@@ -155,6 +160,8 @@ async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine) -> 
         await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
     finally:
         stop.set()
+        if mcp is not None:
+            await mcp.wait_closed()
         await sampler
         await lifetimes
 

@@ -117,13 +117,14 @@ class AsyncSandbox:
         idle_timeout: float | None = None,
         on_timeout: str | None = None,
         restart: str | None = None,
+        mounts: builtins.list[str] | None = None,
         engine: Engine | None = None,
     ) -> AsyncSandbox:
         sb = await asyncio.to_thread(
             Sandbox.create, name, template=template, image=image, profile=profile, cpus=cpus,
             memory=memory, disk=disk, env=env, ports=ports, labels=labels, backend=backend,
             network=network, timeout=timeout, idle_timeout=idle_timeout,
-            on_timeout=on_timeout, restart=restart, engine=engine,
+            on_timeout=on_timeout, restart=restart, mounts=mounts, engine=engine,
         )
         return cls(sb)
 

@@ -165,16 +165,19 @@ class Sandbox:
         idle_timeout: float | None = None,
         on_timeout: str | None = None,
         restart: str | None = None,
+        mounts: builtins.list[str] | None = None,
         engine: Engine | None = None,
     ) -> Sandbox:
-        """Create and start a sandbox; destroyed on leaving a ``with`` block."""
+        """Create and start a sandbox; destroyed on leaving a ``with`` block.
+        ``mounts``: host directories, ``DIR[:GUEST_PATH][:ro]`` each.
+        ``network``: ``nat``, ``none`` or ``allow=HOST[:PORT][,...]`` (only those)."""
         engine = engine or default_engine()
         spec = engine.build_spec(image=image, template=template, profile=profile, cpus=cpus,
                                  memory=memory, disk=disk, env=env, ports=ports, labels=labels,
                                  backend=backend, network=network, timeout=timeout,
                                  idle_timeout=idle_timeout,
                                  on_timeout=on_timeout,  # type: ignore[arg-type]
-                                 restart=restart)
+                                 restart=restart, mounts=mounts)
         info = engine.create(name or f"sb-{uuid.uuid4().hex[:8]}", spec)
         return cls(info, engine=engine, owned=True)
 

@@ -11,6 +11,10 @@
 #                   aiva.syslog=1              a virtio-serial port named "aiva.syslog" takes
 #                                              the guest's syslog: the agent serves /dev/log
 #                                              and writes JSON lines to it (QEMU only)
+#                   aiva.mount=N:PATH:ro|rw    (repeated) host directory N, a subdirectory of
+#                                              the virtio-fs tree tagged "aiva.host", bound
+#                                              at PATH in the root (QEMU only; read-only is
+#                                              enforced by the host's file server)
 #   root = overlay(lower=/.aiva/lower ro, upper=/.aiva/data/upper); /.aiva is a tmpfs
 #   holding bin/busybox, agent/, run/stage2.sh; the agent serves the virtio-serial port
 #   named "aiva.agent" and, when it exits, the VM syncs, remounts ro and powers off.
@@ -48,7 +52,7 @@ mount -t sysfs sysfs /sys || fail "cannot mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail "cannot mount devtmpfs"
 
 cmdline=$(cat /proc/cmdline)
-root="" data="" ip="" name="" agent="" halt="" syslog=""
+root="" data="" ip="" name="" agent="" halt="" syslog="" mounts=""
 for arg in $cmdline; do
     case "$arg" in
         aiva.root=*) root=${arg#*=} ;;
@@ -58,6 +62,7 @@ for arg in $cmdline; do
         aiva.agent=*) agent=${arg#*=} ;;
         aiva.halt=*) halt=${arg#*=} ;;
         aiva.syslog=*) syslog=${arg#*=} ;;
+        aiva.mount=*) mounts="$mounts ${arg#*=}" ;;
     esac
 done
 case "$name" in *[!A-Za-z0-9.-]*) fail "bad aiva.hostname=$name" ;; esac
@@ -70,16 +75,21 @@ esac
 case "$vsock" in *[!0-9]*) fail "bad aiva.agent=$agent" ;; esac
 
 # modules, dependencies first; "mod.key=value" on the cmdline becomes a parameter
-while read -r ko; do
-    mod=${ko##*/}
-    mod=${mod%.ko}
-    params=""
-    for arg in $cmdline; do
-        case "$arg" in "$mod".*) params="$params ${arg#"$mod".}" ;; esac
-    done
-    # shellcheck disable=SC2086
-    insmod "$ko" $params || fail "insmod $mod failed"
-done </aiva/modules
+load_modules() {
+    while read -r ko; do
+        mod=${ko##*/}
+        mod=${mod%.ko}
+        params=""
+        for arg in $cmdline; do
+            case "$arg" in "$mod".*) params="$params ${arg#"$mod".}" ;; esac
+        done
+        # shellcheck disable=SC2086
+        insmod "$ko" $params || fail "insmod $mod failed"
+    done <"$1"
+}
+load_modules /aiva/modules
+# virtio-fs (fuse, virtiofs) only for a VM that mounts host directories
+[ -z "$mounts" ] || load_modules /aiva/modules.mounts
 
 [ -n "$root" ] || fail "no aiva.root= on the kernel command line"
 wait_for "$root" 5 || fail "root device $root not found"
@@ -98,7 +108,20 @@ a=/newroot/.aiva
 mkdir -p "$a" /newroot/proc /newroot/sys /newroot/dev /newroot/tmp /newroot/run \
     /newroot/workspace || fail "cannot make the root's directories"
 mount -t tmpfs -o mode=0755,nosuid,nodev aiva "$a" || fail "cannot mount a tmpfs at /.aiva"
-mkdir -p "$a/bin" "$a/run" "$a/agent" "$a/data" "$a/lower"
+mkdir -p "$a/bin" "$a/run" "$a/agent" "$a/data" "$a/lower" "$a/host"
+# host directories: "N PATH MODE" lines for stage 2, which mounts them once /tmp and /run
+# are in place (so a PATH below them is not hidden)
+: >"$a/run/mounts"
+for m in $mounts; do
+    sub=${m%%:*}
+    rest=${m#*:}
+    path=${rest%:*}
+    mode=${rest##*:}
+    case "$sub" in "" | *[!0-9]*) fail "bad aiva.mount=$m" ;; esac
+    case "$path" in /?*) ;; *) fail "bad aiva.mount=$m" ;; esac
+    case "$mode" in ro | rw) ;; *) fail "bad aiva.mount=$m" ;; esac
+    echo "$sub $path $mode" >>"$a/run/mounts"
+done
 cp /bin/busybox "$a/bin/busybox" || fail "cannot copy busybox into the root"
 cp -a /aiva/agent/. "$a/agent/" || fail "cannot copy the agent into the root"
 mount --move /data "$a/data" || fail "cannot move the data disk"
@@ -203,6 +226,20 @@ $bb mount -t tmpfs -o nosuid,nodev,mode=1777 shm /dev/shm || fail "cannot mount 
 $bb mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /tmp || fail "cannot mount /tmp"
 $bb mount -t tmpfs -o nosuid,nodev,mode=0755 run /run || fail "cannot mount /run"
 [ -n "$NAME" ] && $bb hostname "$NAME"
+# host directories: one virtio-fs tree with a subdirectory per mount, each bound at its
+# path; the tree's own mount is then detached, so only the bound paths show
+if [ -s /.aiva/run/mounts ]; then
+    $bb mount -t virtiofs aiva.host /.aiva/host ||
+        fail "cannot mount the host's directories (virtio-fs tag aiva.host)"
+    while read -r sub path mode; do
+        $bb mkdir -p "$path" || fail "cannot make the mount point $path"
+        $bb mount -o bind "/.aiva/host/$sub" "$path" || fail "cannot mount a host directory at $path"
+        if [ "$mode" = ro ]; then  # the host enforces it; this makes the guest say so too
+            $bb mount -o remount,bind,ro "$path" || echo "AIVA-INIT: $path stays rw-flagged"
+        fi
+    done </.aiva/run/mounts
+    $bb umount -l /.aiva/host
+fi
 command -v python3 >/dev/null || fail "no python3 in the system image"
 
 # The agent reads EOF from a port whose host side is not connected yet, and exits on

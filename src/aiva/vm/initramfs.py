@@ -25,6 +25,9 @@ BUSYBOX = Path("/bin/busybox")
 #: Drivers /init loads, in this order (each after what it depends on).
 REQUIRED_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "ext4", "overlay")
 OPTIONAL_MODULES = ("virtio_net", "vsock", "vmw_vsock_virtio_transport", "virtio_rng")
+#: Loaded only when the kernel command line has an ``aiva.mount=``: host directories come
+#: in over virtio-fs (Debian's cloud kernel has no 9p, but has virtiofs).
+MOUNT_MODULES = ("fuse", "virtiofs")
 APPLETS = (
     "sh", "ash", "mount", "umount", "switch_root", "insmod", "mkdir", "cat", "ls", "sleep",
     "usleep", "poweroff", "reboot", "sync", "ip", "ifconfig", "route", "echo", "mknod", "cp",
@@ -122,14 +125,23 @@ def initramfs_bytes(kernel: KernelFiles, agent_dir: Path) -> bytes:
         cpio.file(dest, read_module(kernel.modules_dir / rel))
         listed.append(f"/{dest}\n")
     cpio.file("aiva/modules", "".join(listed).encode())
+    listed = []
+    for rel in module_files(kernel, MOUNT_MODULES, required=(), skip=module_files(kernel)):
+        dest = f"lib/modules/{kernel.version}/{rel.split('.ko')[0]}.ko"
+        cpio.file(dest, read_module(kernel.modules_dir / rel))
+        listed.append(f"/{dest}\n")
+    cpio.file("aiva/modules.mounts", "".join(listed).encode())
     return cpio.finish()
 
 
-def module_files(kernel: KernelFiles) -> list[str]:
+def module_files(kernel: KernelFiles, wanted: tuple[str, ...] | None = None, *,
+                 required: tuple[str, ...] = REQUIRED_MODULES,
+                 skip: list[str] | None = None) -> list[str]:
     """Paths (relative to the modules dir) of the modules to load, dependencies first.
 
-    Drivers built into the kernel are skipped; a required one that is neither built in
-    nor a module means this kernel cannot run aiva VMs.
+    ``wanted`` defaults to the required and optional modules; ``skip`` lists paths loaded
+    already. Drivers built into the kernel are skipped; a required one that is neither
+    built in nor a module means this kernel cannot run aiva VMs.
     """
     mdir = kernel.modules_dir
     paths: dict[str, str] = {}
@@ -143,15 +155,17 @@ def module_files(kernel: KernelFiles) -> list[str]:
     builtin = {module_name(x) for x in builtin_file.read_text().split()} \
         if builtin_file.is_file() else set()
     order: list[str] = []
-    for want in (*REQUIRED_MODULES, *OPTIONAL_MODULES):
+    done = {module_name(rel) for rel in skip or []}
+    for want in wanted if wanted is not None else (*REQUIRED_MODULES, *OPTIONAL_MODULES):
         if want in builtin:
             continue
         if want not in paths:
-            if want in REQUIRED_MODULES:
+            if want in required:
                 raise BackendError(f"kernel {kernel.version} has no {want} driver",
                                    hint="aiva VMs need Debian's cloud kernel or one like it")
             continue
-        order += [m for m in load_order(want, deps) if m not in order and m not in builtin]
+        order += [m for m in load_order(want, deps)
+                  if m not in order and m not in builtin and m not in done]
     return [paths[m] for m in order]
 
 

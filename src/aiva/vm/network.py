@@ -9,6 +9,9 @@
   :func:`reap_stale` can remove what a crashed process left, and nothing else is touched.
 - Ports are forwarded in user space (:func:`forward_port`, run by the VM's supervisor):
   binding 127.0.0.1 needs no ``route_localnet`` and no NAT rule in the host's OUTPUT path.
+- Mode ``allow`` (``--network allow=...``) is ``nat`` plus the VM's egress allow-list:
+  nft tables ``bridge``/``inet aiva-<bridge>-<sid8>`` (:func:`aiva.egress.vm_ruleset`),
+  made before the VM boots and removed with its TAP.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiva import egress
 from aiva.config import Networking, aiva_home, load_config
 from aiva.errors import BackendError, BackendUnavailable, InvalidValue
 from aiva.models import PortSpec
 
-MODES = ("none", "nat")
+MODES = ("none", "nat", "allow")
 BRIDGE_ALIAS = "aiva bridge"
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 State = dict[str, dict[str, dict[str, Any]]]
@@ -45,6 +49,11 @@ def net_dir() -> Path:
 
 def tap_name(sandbox_id: str) -> str:
     return f"aiva-{sandbox_id[:8]}"  # interface names are at most 15 characters
+
+
+def egress_table(bridge: str, sandbox_id: str) -> str:
+    """The name of a VM's allow-list tables (one ``bridge``, one ``inet``)."""
+    return f"aiva-{bridge}-{sandbox_id[:8]}"
 
 
 def guest_mac(sandbox_id: str) -> str:
@@ -66,6 +75,7 @@ class VmNetwork:
     gateway: str = ""
     mac: str = ""
     ports: tuple[PortSpec, ...] = ()
+    allow: tuple[str, ...] = ()  # mode "allow": the pinned destinations, NET[:PORT]
 
     def kernel_args(self) -> list[str]:
         return [f"aiva.ip={self.address}/{self.prefix},{self.gateway}"] if self.tap else []
@@ -75,13 +85,14 @@ class VmNetwork:
                 "-device", f"virtio-net-device,netdev=net0,mac={self.mac}"] if self.tap else []
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "ports"}
-        return {**d, "ports": [p.model_dump() for p in self.ports]}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__
+             if k not in ("ports", "allow")}
+        return {**d, "ports": [p.model_dump() for p in self.ports], "allow": list(self.allow)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VmNetwork:
         ports = tuple(PortSpec.model_validate(p) for p in data.get("ports", []))
-        return cls(**{**data, "ports": ports})
+        return cls(**{**data, "ports": ports, "allow": tuple(data.get("allow", ()))})
 
 
 def check_host() -> None:
@@ -264,11 +275,15 @@ def _host_side(p: PortSpec) -> PortSpec:
 
 
 def setup_vm_network(sandbox_id: str, mode: str = "nat", ports: list[PortSpec] | None = None,
-                     cfg: Networking | None = None) -> VmNetwork:
-    """Lease an address and make the VM's TAP on the bridge (idempotent per sandbox)."""
+                     cfg: Networking | None = None, *,
+                     allow: dict[str, Any] | None = None) -> VmNetwork:
+    """Lease an address and make the VM's TAP on the bridge (idempotent per sandbox).
+    Mode ``allow``: the same, plus the egress rules for ``allow`` (``egress.pin``'s
+    record), in place before this returns, so before the VM boots."""
     ports = list(ports or [])
     if mode not in MODES:
-        raise InvalidValue(f"unknown network mode '{mode}'", hint="use one of: none, nat")
+        raise InvalidValue(f"unknown network mode '{mode}'",
+                           hint="use one of: none, nat, allow")
     if mode == "none":
         if ports:
             raise InvalidValue("ports cannot be published with `--network none`",
@@ -277,6 +292,8 @@ def setup_vm_network(sandbox_id: str, mode: str = "nat", ports: list[PortSpec] |
     if any(p.protocol != "tcp" for p in ports):
         raise InvalidValue("a VM can publish TCP ports only", hint="drop the /udp mappings")
     check_host()
+    if mode == "allow":
+        egress.check_host()
     resolved = tuple(_host_side(p) for p in ports)
     cfg = cfg or load_config().networking
     (net, gw), bridge, tap = _subnet(cfg), cfg.bridge_name, tap_name(sandbox_id)
@@ -294,17 +311,24 @@ def setup_vm_network(sandbox_id: str, mode: str = "nat", ports: list[PortSpec] |
                 _run("ip", "link", "del", "dev", tap)
             _run("ip", "tuntap", "add", "dev", tap, "mode", "tap")
             _run("ip", "link", "set", "dev", tap, "alias", f"aiva tap {sandbox_id} {bridge}")
+            mac, table = guest_mac(sandbox_id), egress_table(bridge, sandbox_id)
+            if mode == "allow":  # before the TAP is up: no moment without the rules
+                egress.apply(egress.vm_ruleset(table, bridge, tap, mac, ip,
+                                               egress.rules_of(allow)))
+            else:
+                egress.delete_tables(table)
             _run("ip", "link", "set", "dev", tap, "master", bridge, "up")
         except BaseException:
             _teardown(sandbox_id, state, bridge)
             raise
-    return VmNetwork(sandbox_id, "nat", tap, bridge, ip, net.prefixlen, gw,
-                     guest_mac(sandbox_id), resolved)
+    return VmNetwork(sandbox_id, mode, tap, bridge, ip, net.prefixlen, gw, mac, resolved,
+                     tuple((allow or {}).get("allow", [])) if mode == "allow" else ())
 
 
 def _teardown(sandbox_id: str, state: State, bridge: str) -> None:
     lease = state["leases"].pop(sandbox_id, None)
     bridge = lease["bridge"] if lease else bridge
+    egress.delete_tables(egress_table(bridge, sandbox_id))
     for name, link in _links().items():
         owner = _alias_owner(link)
         if owner is not None and owner[0] == sandbox_id:
@@ -336,6 +360,13 @@ def reap_stale(live_ids: set[str] | list[str], cfg: Networking | None = None) ->
                 dead.add(owner[0])
         for sid in dead:
             _teardown(sid, state, cfg.bridge_name)
+        short = {sid[:8] for sid in live}
+        for family, table in egress.tables():  # allow-list rules whose VM is gone
+            for bridge in bridges:
+                rest = table.removeprefix(f"aiva-{bridge}-")
+                if family in ("bridge", "inet") and rest != table and len(rest) == 8 \
+                        and all(c in "0123456789abcdef" for c in rest) and rest not in short:
+                    egress.delete_tables(table)
         for bridge in bridges:
             idle = not any(v["bridge"] == bridge for v in state["leases"].values())
             if idle and (bridge in state["bridges"] or bridge in links):

@@ -8,7 +8,10 @@
   supervisor holds it and serves any number of aiva clients on ``agent.sock``, giving
   each client's channels their own ids upstream. A client that goes away has its open
   channels cancelled in the guest;
-- timestamps the serial console into ``console.jsonl`` (the engine log of a VM).
+- timestamps the serial console into ``console.jsonl`` (the engine log of a VM);
+- first starts the VM's helpers (``launch.json`` ``helpers``: virtiofsd for host
+  directories, see ``aiva.vm.hostfs``), waits for each one's socket, and ends them after
+  QEMU.
 """
 
 from __future__ import annotations
@@ -115,10 +118,60 @@ async def _pump_console(reader: asyncio.StreamReader, out: Path) -> None:
             f.flush()
 
 
+async def _start_helpers(vm_dir: Path, helpers: list[dict[str, Any]], deadline: float
+                         ) -> tuple[list[asyncio.subprocess.Process], str | None]:
+    """Start each helper; wait until its socket exists. Returns the processes and, if one
+    failed, why (the last line of its log)."""
+    procs: list[asyncio.subprocess.Process] = []
+    for h in helpers:
+        with open(h["log"], "ab") as log:
+            procs.append(await asyncio.create_subprocess_exec(
+                *h["argv"], stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log))
+        (vm_dir / "helpers.pid").write_text("".join(f"{x.pid}\n" for x in procs))
+        while not os.path.exists(h["socket"]):
+            if procs[-1].returncode is not None or time.monotonic() > deadline:
+                try:
+                    lines = Path(h["log"]).read_text(errors="replace").strip().splitlines()
+                except OSError:
+                    lines = []
+                why = lines[-1] if lines else f"exit status {procs[-1].returncode}"
+                return procs, f"{Path(h['argv'][0]).name} helper failed: {why}"
+            await asyncio.sleep(0.01)
+    return procs, None
+
+
+async def _end_helpers(procs: list[asyncio.subprocess.Process]) -> None:
+    """virtiofsd exits by itself once QEMU disconnects: give it a moment, then kill."""
+    for proc in procs:
+        try:
+            await asyncio.wait_for(proc.wait(), 2)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
 async def supervise(vm_dir: Path) -> int:
     spec: dict[str, Any] = json.loads((vm_dir / "launch.json").read_text())
     (vm_dir / "exit.json").unlink(missing_ok=True)
     on_stdout = spec["console"] == "stdout"  # Firecracker: its serial console is its stdout
+    helpers, failed = await _start_helpers(vm_dir, spec.get("helpers") or [],
+                                           time.monotonic() + 20)
+    if failed is not None:
+        for proc in helpers:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        with (vm_dir / "qemu.log").open("a") as qlog:  # where a failed boot is explained
+            qlog.write(f"aiva: {failed}\n")
+        _record_exit(vm_dir, None, failed)
+        return 1
+    try:
+        return await _supervise_vmm(vm_dir, spec, on_stdout)
+    finally:
+        await _end_helpers(helpers)
+
+
+async def _supervise_vmm(vm_dir: Path, spec: dict[str, Any], on_stdout: bool) -> int:
     with (vm_dir / "qemu.log").open("ab") as qlog:
         qemu = await asyncio.create_subprocess_exec(*spec["argv"], stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE if on_stdout

@@ -1,0 +1,157 @@
+"""The MCP server without Docker: the official client, in-process, against a fake engine.
+Tools are thin engine calls; errors come back as tool errors with a hint; output is cut
+to the budget; and every engine method the tools call exists alike on RemoteEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiva.agent_client import ExecResult
+from aiva.backends.base import LogLine
+from aiva.daemon.client import RemoteEngine
+from aiva.engine import Engine
+from aiva.errors import InvalidTransition, SandboxNotFound
+from aiva.mcp.limits import Limits
+from aiva.models import SandboxInfo, SandboxSpec, State
+
+SERVER = Path(__file__).resolve().parents[2] / "src" / "aiva" / "mcp" / "server.py"
+
+
+class FakeEngine:
+    """Just what the tools call, recording each call."""
+
+    def __init__(self) -> None:
+        spec = SandboxSpec(image="aiva/python:latest", cpus=1, memory=512 << 20, disk=1 << 30)
+        self.box = SandboxInfo(name="box", spec=spec, state=State.RUNNING)
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.files = {"/workspace/big.txt": b"0123456789" * 1000}
+
+    def get(self, name: str) -> SandboxInfo:
+        self.calls.append(("get", (name,), {}))
+        if name != "box":
+            raise SandboxNotFound(name)
+        return self.box
+
+    status = get
+
+    def exec(self, name: str, command: Any, **kw: Any) -> ExecResult:
+        self.calls.append(("exec", (name, command), kw))
+        self.get(name)
+        if command == "paused":
+            raise InvalidTransition(name, "paused", "use", "resume it with `aiva resume`")
+        return ExecResult(0, "o" * 5000, "err\n", 0.25, 42)
+
+    def read_stream(self, name: str, path: str) -> tuple[dict[str, Any], Iterator[bytes]]:
+        data = self.files[path]
+        return {"size": len(data)}, iter([data[i:i + 999] for i in range(0, len(data), 999)])
+
+    def logs(self, name: str, *, tail: int | None = None) -> list[LogLine]:
+        self.get(name)
+        t = datetime(2026, 1, 1, tzinfo=UTC)
+        return [LogLine(t, "cmd", "echo hi"), LogLine(t, "stdout", "hi\n"),
+                LogLine(t, "exit", "0")][-(tail or 3):]
+
+
+def _run(engine: FakeEngine, limits: Limits, steps: Any) -> Any:
+    from mcp import Client
+
+    from aiva.mcp.server import build_server
+
+    async def go() -> Any:
+        async with Client(build_server(engine, limits)) as client:  # type: ignore[arg-type]
+            return await steps(client)
+
+    return asyncio.run(go())
+
+
+def test_exec_is_a_thin_call_with_the_budget_and_timeout_applied() -> None:
+    eng = FakeEngine()
+
+    async def steps(client: Any) -> Any:
+        return await client.call_tool("exec", {"sandbox": "box", "command": ["ls", "-l"],
+                                               "cwd": "sub", "timeout": 9999})
+
+    res = _run(eng, Limits(max_output=1024, max_exec_timeout=30), steps)
+    assert not res.is_error
+    call = next(c for c in eng.calls if c[0] == "exec")
+    assert call[1] == ("box", ["ls", "-l"])
+    assert call[2]["timeout"] == 30 and call[2]["cwd"] == "/workspace/sub"
+    out = res.structured_content
+    assert out["truncated"] and out["stdout_bytes"] == 5000 and out["stderr"] == "err\n"
+    assert "3976 bytes omitted" in out["stdout"]
+    text = res.content[0].text
+    assert text.startswith("exit code 0 (0.25s)") and "--- stderr ---\nerr" in text
+
+
+def test_errors_are_tool_errors_with_hints() -> None:
+    async def steps(client: Any) -> Any:
+        return (await client.call_tool("sandbox_status", {"sandbox": "gone"}),
+                await client.call_tool("exec", {"sandbox": "box", "command": "paused"}),
+                await client.call_tool("exec", {"sandbox": "box", "command": ""}))
+
+    missing, paused, empty = _run(FakeEngine(), Limits(), steps)
+    assert missing.is_error and missing.structured_content["error"]["type"] == "SandboxNotFound"
+    assert "sandbox_list" in missing.structured_content["error"]["hint"]
+    assert paused.is_error
+    assert paused.content[0].text == ("InvalidTransition: cannot use sandbox 'box': it is "
+                                      "paused\nhint: resume it with `aiva resume`")
+    assert empty.is_error and "empty" in empty.content[0].text
+
+
+def test_file_read_windows_and_logs_resource() -> None:
+    async def steps(client: Any) -> Any:
+        first = await client.call_tool("file_read", {"sandbox": "box", "path": "big.txt"})
+        nxt = first.structured_content["next_offset"]
+        second = await client.call_tool("file_read", {"sandbox": "box", "path": "big.txt",
+                                                      "offset": nxt, "length": 10})
+        logs = await client.read_resource("aiva://sandboxes/box/logs?tail=2")
+        return first, second, logs
+
+    first, second, logs = _run(FakeEngine(), Limits(max_output=2048), steps)
+    f = first.structured_content
+    assert (f["path"], f["length"], f["size"], f["next_offset"]) == (
+        "/workspace/big.txt", 2048, 10000, 2048)
+    assert "call file_read again with offset=2048" in first.content[0].text
+    assert second.structured_content["content"] == "8901234567"
+    assert logs.contents[0].text == "00:00:00.000 stdout: hi\n00:00:00.000 exit 0"
+
+
+def test_tool_list_is_what_agents_see() -> None:
+    async def steps(client: Any) -> Any:
+        return (await client.list_tools()).tools
+
+    tools = {t.name: t for t in _run(FakeEngine(), Limits(), steps)}
+    assert set(tools) == {"sandbox_create", "sandbox_list", "sandbox_status",
+                          "sandbox_destroy", "exec", "file_read", "file_write", "file_list",
+                          "sync", "snapshot_create", "snapshot_list", "snapshot_restore"}
+    for tool in tools.values():
+        assert tool.description and len(tool.description) < 500
+        assert tool.output_schema is not None
+        for prop in tool.input_schema.get("properties", {}).values():
+            assert prop.get("description"), tool.name  # every argument is explained
+    assert tools["file_read"].annotations.read_only_hint
+    assert tools["snapshot_restore"].annotations.destructive_hint
+
+
+#: The keyword arguments the tools pass, per engine method.
+KEYWORDS = {"exec": {"env", "cwd", "timeout", "stdin"}, "delete": {"volumes"},
+            "sync": {"direction", "delete", "exclude", "prefer"}, "write_file": {"mode"},
+            "logs": {"tail"},
+            "build_spec": {"template", "image", "cpus", "memory", "network", "timeout"}}
+
+
+def test_remote_engine_takes_every_call_the_tools_make() -> None:
+    used = set(re.findall(r"\bengine\.([a-z][a-z_]*)\(", SERVER.read_text()))
+    used |= set(re.findall(r"run_sync\(engine\.([a-z][a-z_]*)\b", SERVER.read_text()))
+    assert {"exec", "create", "build_spec", "read_stream", "write_file", "list_dir", "sync",
+            "snapshot", "snapshots", "restore", "delete", "logs", "status"} <= used
+    for name in sorted(used - {"close"}):
+        for cls in (Engine, RemoteEngine):
+            params = inspect.signature(getattr(cls, name)).parameters
+            assert KEYWORDS.get(name, set()) <= set(params), f"{cls.__name__}.{name}"
