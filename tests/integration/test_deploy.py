@@ -11,7 +11,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -130,3 +130,37 @@ def test_on_failure_gives_up_and_entry_is_needed(engine: Any, python_image: str,
     r = subprocess.run([*AIVA, "deploy", name, str(app_dir / "nope")], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_the_daemon_keeps_a_deployed_program_running(engine: Any, python_image: str,
+                                                     app_dir: Path, name: str) -> None:
+    """Through a real daemon: deployed with the daemon's engine, killed, and started again
+    by the daemon's own lifetimes loop, with nobody calling tick by hand."""
+    import os
+    import signal
+    import socket
+
+    from aiva.daemon import server
+    from aiva.daemon.client import connect
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    pid = int(server.start(port, timeout=60)["pid"])
+    try:
+        with connect() as remote:
+            sb = deploy(cast(Any, remote), name, str(app_dir))
+            host_port = published_port(sb.runtime["ports"], 8000)
+            assert host_port is not None
+            wait_for("the service", lambda: get(host_port))
+            old = int(sb.runtime["service_pid"])
+            remote.agent(name).signal(old, 9)
+            new = wait_for("the daemon to restart it", lambda: (
+                p if (p := remote.get(name).runtime.get("service_pid")) not in (None, old)
+                else None))
+            assert wait_for("the restarted service", lambda: get(host_port)).endswith(
+                f"pid={new}")
+    finally:
+        server.stop()
+        if server.is_daemon(pid):
+            os.kill(pid, signal.SIGKILL)

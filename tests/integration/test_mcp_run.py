@@ -121,7 +121,7 @@ def test_a_pypi_server_answers_through_the_bridge_and_is_audited(
             engine.delete(name, volumes=True)
 
 
-def test_network_none_cannot_reach_a_server_that_nat_can(
+def test_network_none_cannot_reach_a_server_that_nat_and_allow_can(
         mcp_image: str, engine: Any, target: tuple[str, str]) -> None:
     url, secret = target
     fetch = ["--", FETCH, "--ignore-robots-txt", "--allow-private-ips"]
@@ -133,6 +133,9 @@ def test_network_none_cannot_reach_a_server_that_nat_can(
     assert blocked.is_error and secret not in text_of(blocked)
     allowed = session(["--image", mcp_image, "--network", "nat", *fetch], work)
     assert not allowed.is_error and secret in text_of(allowed)
+    host = url.split("/")[2]  # IP:8000
+    listed = session(["--image", mcp_image, "--network", f"allow={host}", *fetch], work)
+    assert not listed.is_error and secret in text_of(listed)
 
 
 def test_keep_mount_and_errors(mcp_image: str, engine: Any, tmp_path: Any) -> None:
