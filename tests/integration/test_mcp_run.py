@@ -62,9 +62,8 @@ def target(python_image: str, engine: Any, docker_ok: Any) -> Iterator[tuple[str
 
 def session(args: list[str], work: Callable[[Any], Any]) -> Any:
     """Run ``aiva mcp run ARGS`` as the official client's stdio server; ``work(session)``."""
-    from mcp.client.stdio import stdio_client
-
     from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
 
     async def main() -> Any:
         params = StdioServerParameters(command=AIVA[0], args=[*AIVA[1:], "mcp", "run", *args],

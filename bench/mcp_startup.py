@@ -6,7 +6,7 @@ closes stdin; the figure is spawn -> ``initialize`` answered ("ready") and the t
 one tool call. Peers, in the same run: the same server bare on the host (a venv this
 benchmark makes once), and ``docker run -i --rm`` of the same image.
 
-Run: ``.venv/bin/python bench/mcp.py [--quick]``; results in bench/results/mcp.json.
+Run: ``.venv/bin/python bench/mcp_startup.py [--quick]``; results in bench/results/mcp.json.
 ``aiva mcp run`` removes its own sandbox; anything left is removed at the end.
 """
 
