@@ -198,14 +198,17 @@ def _ts(value: Any) -> float | None:
 
 
 def qemu_host_metrics(qemu_pid: int, qmp_sock: str | Path | None, *, tap: str | None = None,
-                      interval: float = 0.2) -> SandboxMetrics:
+                      interval: float = 0.2, qmp_timeout: float | None = None
+                      ) -> SandboxMetrics:
     """The VM as the host sees it: its QEMU process and QEMU's device counters.
 
     CPU is sampled twice ``interval`` apart within this call (no state between calls);
-    the QMP query runs inside that window. ``qmp_sock=None`` skips disk stats.
+    the QMP query runs inside that window. ``qmp_sock=None`` skips disk stats, and so
+    does a QEMU that does not answer within ``qmp_timeout`` (default ``QMP_TIMEOUT``: a
+    sampler must not hang).
     """
     t0, ticks0 = time.monotonic(), _proc_stat(qemu_pid)
-    qmp = _qmp_facts(qmp_sock) if qmp_sock else None
+    qmp = _qmp_facts(qmp_sock, qmp_timeout) if qmp_sock else None
     time.sleep(max(0.0, interval - (time.monotonic() - t0)))
     t1, ticks1 = time.monotonic(), _proc_stat(qemu_pid)
     m = SandboxMetrics(source={"cpu": "proc", "memory": "proc", "uptime": "proc"})
@@ -248,7 +251,7 @@ def _fields(text: str) -> dict[str, int]:
     return out
 
 
-def _qmp_facts(sock: str | Path) -> dict[str, int] | None:
+def _qmp_facts(sock: str | Path, timeout: float | None = None) -> dict[str, int] | None:
     """Disk bytes, vCPUs and RAM from QEMU; None if it does not answer in time."""
     from qemu.qmp import QMPClient, QMPError
 
@@ -268,7 +271,7 @@ def _qmp_facts(sock: str | Path) -> dict[str, int] | None:
 
     loop = asyncio.new_event_loop()  # its own loop: never disturbs a caller's
     try:
-        return loop.run_until_complete(asyncio.wait_for(ask(), QMP_TIMEOUT))
+        return loop.run_until_complete(asyncio.wait_for(ask(), timeout or QMP_TIMEOUT))
     except (OSError, QMPError, TimeoutError, KeyError, TypeError, ValueError):
         return None
     finally:

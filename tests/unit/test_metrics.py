@@ -366,7 +366,8 @@ def qemu_none() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
 
 def test_qemu_host_metrics_over_real_qmp(qemu_none: tuple[subprocess.Popen[bytes], str]) -> None:
     proc, sock = qemu_none
-    m = qemu_host_metrics(proc.pid, sock)
+    # the default 2 s budget is for a sampler; a busy CI host may take longer to greet
+    m = qemu_host_metrics(proc.pid, sock, qmp_timeout=30)
     assert m.source["disk"] == "qmp"
     assert m.disk == {"read_bytes": 0, "write_bytes": 0}  # nothing boots, nothing reads
     assert m.memory["total"] == 64 * MiB  # -m 64, from query-memory-size-summary
