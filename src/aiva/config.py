@@ -153,6 +153,40 @@ class McpSettings(_Section):
     max_exec_timeout: float = Field(default=600.0, gt=0)  # a larger timeout is cut to this
 
 
+class TaskSettings(_Section):
+    """The task pool's queue (docs/TASKS.md): budgets in the ``cost`` currency, and how
+    many tasks run at once."""
+
+    daily_budget: float | None = Field(default=None, ge=0)  # per UTC day; None: no cap
+    task_budget: float | None = Field(default=None, ge=0)  # per task estimate; None: no cap
+    alert_at: float = Field(default=0.8, gt=0, le=1)  # budget_alert past this fraction
+    concurrency: int = Field(default=2, ge=1)  # tasks running at once
+    regression_threshold: float = Field(default=0.1, ge=0)  # L1 gate: a 10% drop fails
+    default_template: str = "python"  # for a task with neither template nor image
+
+
+class PoolTemplate(_Section):
+    """One template's pool limits; a key left out takes the ``pool`` section's value."""
+
+    min_warm: int | None = Field(default=None, ge=0)
+    max: int | None = Field(default=None, ge=1)
+    idle_shrink: float | None = Field(default=None, gt=0)
+
+
+class PoolSettings(_Section):
+    """The warm pool of sandboxes tasks run in (``aiva pool``, src/aiva/tasks/pool.py).
+    ``aiva pool resize`` stores per-template limits in the state db; they win over these."""
+
+    min_warm: int = Field(default=2, ge=0)  # idle, ready sandboxes kept per template
+    max: int = Field(default=6, ge=1)  # pool sandboxes per template, busy or idle
+    idle_shrink: float = Field(default=300.0, gt=0)  # seconds idle before one beyond min goes
+    reset: Literal["recreate", "restore"] = "recreate"  # how a used sandbox comes back clean
+    claim_timeout: float = Field(default=60.0, gt=0)  # seconds a claim waits at max
+    cpus: float | None = Field(default=None, gt=0)  # None: the default profile's
+    memory: Size | None = None
+    templates: dict[str, PoolTemplate] = Field(default_factory=dict)  # kept warm always
+
+
 class Config(_Section):
     version: str = "1.0"
     defaults: Defaults = Defaults()
@@ -161,6 +195,8 @@ class Config(_Section):
     cost: Cost = Cost()
     collector: CollectorSettings = CollectorSettings()
     mcp: McpSettings = McpSettings()
+    tasks: TaskSettings = TaskSettings()
+    pool: PoolSettings = PoolSettings()
     profiles: dict[str, Profile] = Field(default_factory=lambda: dict(PROFILES))
 
     def profile(self, name: str | None = None) -> Profile:

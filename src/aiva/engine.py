@@ -132,6 +132,10 @@ class Engine:
         features built on the engine (an MCP session's audit ...) keep their history."""
         return self._record(kind, self.get(name), **data)
 
+    def record_global(self, kind: str, **data: Any) -> Event:
+        """Add an event about no one sandbox (a task's budget alert ...) to the stream."""
+        return self._record(kind, None, **data)
+
     # ------------------------------------------------------------------ spec
 
     def build_spec(

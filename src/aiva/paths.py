@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import py_compile
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -62,7 +63,8 @@ def agent_bundle() -> Path:
     digest.update(f"{sys.version_info[:2]}".encode())  # the bytecode is ours
     dest = aiva_home() / "agent" / digest.hexdigest()[:12]
     if not (dest / AGENT_FILES[-1]).exists():
-        tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+        # unique per call, not per process: threads of one process race here too
+        tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
         tmp.mkdir(parents=True, exist_ok=True)
         for name in AGENT_FILES:
             shutil.copy2(src / name, tmp / name)

@@ -506,6 +506,15 @@ mcp_app.command("run", context_settings=mcp_run_cmd.RUN_SETTINGS)(mcp_run_cmd.ru
 mcp_app.command("audit")(mcp_run_cmd.audit)
 app.add_typer(mcp_app, name="mcp")
 
+from aiva.cli.pool_cmd import pool_app  # noqa: E402
+
+app.add_typer(pool_app, name="pool")
+
+from aiva.cli.task_cmd import eval_app, task_app  # noqa: E402
+
+app.add_typer(task_app, name="task")
+app.add_typer(eval_app, name="eval")
+
 
 # ---------------------------------------------------------------------- entry
 

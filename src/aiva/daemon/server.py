@@ -133,10 +133,12 @@ class _Server(uvicorn.Server):
 
 async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine,
                mcp: McpEndpoint | None = None) -> None:
-    """Serve every listener, with the metrics sampler beside them, until a signal. MCP
+    """Serve every listener, with the metrics sampler, the lifetimes pass and the task
+    scheduler (``aiva.tasks.scheduler``) beside them, until a signal. MCP
     sessions end first, so their open streams do not hold up the servers' shutdown."""
     from aiva.collector import run_sampler
     from aiva.lifetimes import run_lifetimes
+    from aiva.tasks.scheduler import run_scheduler
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -144,6 +146,8 @@ async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine,
     sampler = asyncio.create_task(
         run_sampler(engine, settings.interval, settings.retention, stop))
     lifetimes = asyncio.create_task(run_lifetimes(engine, 2.0, stop))
+    # the task queue: scheduler tick every second, the warm pool's maintain every 5 s
+    tasks = asyncio.create_task(run_scheduler(engine, stop))
 
     def shut_down() -> None:
         stop.set()
@@ -164,6 +168,7 @@ async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine,
             await mcp.wait_closed()
         await sampler
         await lifetimes
+        await tasks  # running tasks go back to the queue, their commands killed
 
 
 # ---------------------------------------------------------------------- control
