@@ -49,12 +49,16 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 
 
-class Store:
-    def __init__(self, path: Path) -> None:
+class SqliteFile:
+    """One SQLite file in WAL mode: a connection per thread, and write transactions that
+    take the write lock up front (``BEGIN IMMEDIATE``), so two writers never both win a
+    read-then-write race. The stores of aiva's parts share the state db through it."""
+
+    def __init__(self, path: Path, schema: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._local = threading.local()
-        self._db.executescript(SCHEMA)
+        self._db.executescript(schema)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -79,6 +83,17 @@ class Store:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+class Store(SqliteFile):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, SCHEMA)
 
     # ------------------------------------------------------------------ sandboxes
 
@@ -239,10 +254,4 @@ class Store:
         return Event(id=row["id"], ts=datetime.fromisoformat(row["ts"]),
                      sandbox_id=row["sandbox_id"], sandbox=row["sandbox"], kind=row["kind"],
                      data=json.loads(row["data"]))
-
-    def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
 

@@ -424,3 +424,80 @@ def test_a_real_desktop_shows_xfce_in_the_novnc_view(
         expect(other.locator("html.noVNC_connected")).to_have_count(0)
     finally:
         other.close()
+
+
+# ---------------------------------------------------------------------- tasks
+
+
+@needs_chromium
+def test_tasks_view_approves_and_rejects_held_tasks(daemon: Daemon, page: Page) -> None:
+    """Tasks made straight in ``awaiting_approval`` (no sandbox, no scheduler run): the
+    Tasks view lists them and its buttons write the decision to the store. The daemon's
+    scheduler then ends them ``failed`` (their held sandbox does not exist), keeping the
+    decision; so the reject reason is checked in the answer of the POST."""
+    from playwright.sync_api import expect
+
+    from aiva.tasks.models import Task, TaskState, TaskStateError
+    from aiva.tasks.store import TaskStore
+
+    tag = uuid.uuid4().hex[:6]
+    store = TaskStore()
+    held = [store.add(Task(command=["true"], name=f"dash-{tag}-{n}", approve=True,
+                           state=TaskState.awaiting_approval)) for n in ("a", "b")]
+    a, b = held
+    try:
+        with daemon.tcp() as bare:
+            assert bare.get("/v1/tasks").status_code == 401
+        with daemon.tcp(daemon.token) as authed:
+            listed = authed.get("/v1/tasks", params={"state": "awaiting_approval"})
+            assert listed.status_code == 200
+            assert {a.id, b.id} <= {t["id"] for t in listed.json()}
+            assert authed.get("/v1/tasks/t-00000000").status_code == 404
+            assert authed.get("/v1/eval", params={"by": "template"}).status_code == 200
+
+        page.goto(_cli_url())
+        expect(page.locator("#app")).to_be_visible(timeout=15_000)
+        page.click("#view-tasks")
+        expect(page.locator("#panel-tasks")).to_be_visible()
+        row_a = page.locator(f'tr.task[data-id="{a.id}"][data-state="awaiting_approval"]')
+        row_b = page.locator(f'tr.task[data-id="{b.id}"][data-state="awaiting_approval"]')
+        expect(row_a).to_have_count(1, timeout=15_000)
+        expect(row_b).to_have_count(1)
+        expect(row_a.locator("button[data-action=approve]")).to_be_visible()
+        expect(row_a.locator("button[data-action=cancel]")).to_be_visible()
+        expect(page.locator('#eval-summary [data-eval="success_rate"]')).not_to_have_text("")
+        screenshot(page, "dashboard-tasks")
+
+        row_a.locator("button[data-action=approve]").click()
+        wait_for("the approval in the store", lambda: store.get(a.id).decision == "approve",
+                 timeout=15)
+        expect(page.locator(f'tr.task[data-id="{a.id}"] button[data-action=approve]')
+               ).to_have_count(0, timeout=15_000)
+
+        row_b.locator("button[data-action=reject]").click()
+        dialog = page.locator("dialog#reject")
+        expect(dialog).to_be_visible()
+        expect(dialog).to_contain_text(b.id)
+        page.fill("#reject-reason", "wrong approach")
+        with page.expect_response(lambda r: r.url.endswith(f"/v1/tasks/{b.id}/reject")
+                                  ) as answer:
+            page.click("#reject-ok")
+        expect(dialog).to_be_hidden()
+        assert answer.value.status == 200
+        body = answer.value.json()
+        assert (body["decision"], body["reason"]) == ("reject", "rejected: wrong approach")
+        wait_for("the rejection in the store", lambda: store.get(b.id).decision == "reject",
+                 timeout=15)
+        after = store.get(b.id)
+        assert after.reason == "rejected: wrong approach" or after.state == TaskState.failed
+        # deciding twice is refused with the store's error (409)
+        with daemon.tcp(daemon.token) as authed:
+            again = authed.post(f"/v1/tasks/{b.id}/approve")
+            assert again.status_code == 409, again.text
+    finally:
+        for task in held:
+            try:
+                store.cancel(task.id)
+            except TaskStateError:
+                pass  # the scheduler already ended it
+        store.close()

@@ -127,6 +127,9 @@ def create_app(engine: Engine, *, port: int | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(inside.router)
     app.include_router(observe.router)
+    from aiva.daemon import tasks_api
+
+    app.include_router(tasks_api.router)
     observe.mount_dashboard(app)
     # MCP over streamable HTTP, with this daemon's own engine (aiva.mcp.http)
     from aiva.mcp.http import McpEndpoint

@@ -21,6 +21,7 @@ from aiva.config import aiva_home
 from aiva.errors import AivaError
 from aiva.metrics import SandboxMetrics
 from aiva.sync import SyncReport
+from aiva.tasks.models import TaskNotFound, TaskStateError
 
 API = "/v1"
 NDJSON = "application/x-ndjson"
@@ -109,6 +110,7 @@ ERRORS: dict[str, type[AivaError]] = {cls.__name__: cls for cls in (
     errors.ProtocolError, errors.RemoteError, errors.SandboxFileNotFound,
     errors.SandboxPermissionError, errors.SandboxFileExists, errors.CommandTimeout,
     errors.CommandFailed, errors.SyncError, errors.DesktopError, errors.NotADesktop,
+    TaskNotFound, TaskStateError,
 )}
 
 #: Most specific first: the first class the error is an instance of gives the status.
@@ -117,6 +119,8 @@ STATUS: list[tuple[type[AivaError], int]] = [
     (errors.SandboxFileNotFound, 404),
     (errors.ImageNotFound, 404),
     (errors.NotADesktop, 404),
+    (TaskNotFound, 404),
+    (TaskStateError, 409),
     (errors.SandboxExists, 409),
     (errors.SandboxFileExists, 409),
     (errors.InvalidTransition, 409),

@@ -16,8 +16,7 @@ import builtins
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +26,7 @@ from pydantic import ValidationError
 from aiva import paths, plugins
 from aiva.errors import InvalidValue
 from aiva.models import Event, utcnow
-from aiva.store import Store
+from aiva.store import SqliteFile, Store
 from aiva.tasks.models import (
     FINISHED,
     PRIORITY_RANK,
@@ -61,46 +60,16 @@ _ORDER = "ORDER BY prio, created_at, seq"
 Tasks = list[Task]  # `list` is a method of TaskStore
 
 
-class TaskStore:
+class TaskStore(SqliteFile):
     """``TaskStore()`` opens this ``AIVA_HOME``'s state db; ``path`` another one."""
 
     def __init__(self, path: Path | None = None) -> None:
-        self.path = path or paths.state_db()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        super().__init__(path or paths.state_db(), SCHEMA)
         self._events: Store | None = None
         self._events_lock = threading.Lock()
-        self._db.executescript(SCHEMA)
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                 check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        super().close()
         if self._events is not None:
             self._events.close()
 
@@ -314,7 +283,8 @@ class TaskStore:
                                      hint="only a task awaiting approval can be approved "
                                           "or rejected")
             if task.decision is not None:
-                raise TaskStateError(task.id, f"already {task.decision}d", decision)
+                done = {"approve": "approved", "reject": "rejected"}[task.decision]
+                raise TaskStateError(task.id, f"already {done}", decision)
             task.decision = cast(Decision, decision)
             if decision == "reject":
                 task.reason = f"rejected: {reason}" if reason else "rejected by a person"

@@ -28,6 +28,10 @@ const ui = {
   desktops: new Map(), // name -> {url, port, checked, state}
   desktopSelected: null,
   desktopChecks: new Map(), // name -> when last asked (ms)
+  tasks: [], // newest first, as GET /tasks answers
+  taskBusy: new Set(), // task ids with an action under way
+  taskMessage: null, // {text, error}
+  rejecting: null, // task id the reject dialog is open for
   stopped: false, // refresh loop halted (token needed)
   timer: null,
 };
@@ -540,7 +544,9 @@ function showView(view) {
   ui.view = view;
   $("panel-sandbox").hidden = view !== "sandboxes";
   $("panel-desktops").hidden = view !== "desktops";
-  for (const [id, name] of [["view-sandboxes", "sandboxes"], ["view-desktops", "desktops"]]) {
+  $("panel-tasks").hidden = view !== "tasks";
+  for (const [id, name] of [["view-sandboxes", "sandboxes"], ["view-desktops", "desktops"],
+    ["view-tasks", "tasks"]]) {
     $(id).classList.toggle("active", view === name);
     $(id).setAttribute("aria-selected", String(view === name));
   }
@@ -552,6 +558,142 @@ function showView(view) {
     }
   }
   renderDesktops();
+}
+
+// ---------------------------------------------------------------- tasks
+
+const OUTCOMES = ["succeeded", "failed", "rolled_back"];
+
+function taskDuration(t) {
+  if (!t.started_at || !t.finished_at) return null;
+  return Math.max(0, (new Date(t.finished_at) - new Date(t.started_at)) / 1000);
+}
+
+function median(values) {
+  if (!values.length) return null;
+  const v = values.slice().sort((a, b) => a - b);
+  const mid = (v.length - 1) / 2;
+  return (v[Math.floor(mid)] + v[Math.ceil(mid)]) / 2;
+}
+
+function money(v) {
+  return v === null || v === undefined ? "–" : String(Number(Number(v).toPrecision(4)));
+}
+
+// Totals over the evaluator's rows (GET /eval); p50 over the finished runs listed, with
+// the evaluator's rule (only tasks that ran to an outcome count).
+function renderEval(rows) {
+  const count = rows.reduce((n, r) => n + r.count, 0);
+  const ok = rows.reduce((n, r) => n + r.succeeded, 0);
+  const cost = rows.reduce((n, r) => n + r.cost, 0);
+  const p50 = median(ui.tasks.filter((t) => OUTCOMES.includes(t.state))
+    .map(taskDuration).filter((d) => d !== null));
+  const values = {
+    runs: String(count),
+    success_rate: count ? `${Math.round((100 * ok) / count)}% (${ok}/${count})` : "–",
+    p50: p50 === null ? "–" : `${p50 < 10 ? p50.toFixed(2) : p50.toFixed(0)} s`,
+    cost_per_success: ok ? money(cost / ok) : "–",
+  };
+  for (const [key, text] of Object.entries(values)) {
+    document.querySelector(`#eval-summary [data-eval="${key}"]`).textContent = text;
+  }
+  $("eval-summary").title = rows.map((r) =>
+    `${r.key}: ${r.count} runs, ${Math.round(100 * (r.success_rate || 0))}% ok`).join("\n");
+}
+
+function taskButton(task, action, label, cls) {
+  const button = el("button", {
+    type: "button", class: cls || null, "data-action": action, text: label,
+    disabled: ui.taskBusy.has(task.id),
+  });
+  button.addEventListener("click", () => taskAct(task.id, action));
+  return button;
+}
+
+function renderTasks() {
+  const tasks = ui.tasks;
+  const awaiting = tasks.filter((t) => t.state === "awaiting_approval" && !t.decision);
+  $("awaiting-count").textContent = String(awaiting.length);
+  $("awaiting-count").classList.toggle("hot", awaiting.length > 0);
+  $("task-rows").replaceChildren(...tasks.map((t) => {
+    const command = t.name || t.command.join(" ");
+    const buttons = [];
+    if (t.state === "awaiting_approval" && !t.decision) {
+      buttons.push(taskButton(t, "approve", "Approve", "primary"));
+      buttons.push(taskButton(t, "reject", "Reject", "danger"));
+    }
+    if (t.state === "queued" || t.state === "awaiting_approval") {
+      buttons.push(taskButton(t, "cancel", "Cancel"));
+    }
+    const state = t.state + (t.decision ? ` (${t.decision})` : "");
+    return el("tr", {
+      class: "task", "data-id": t.id, "data-state": t.state, "data-decision": t.decision || "",
+    },
+      el("td", { class: "id", text: t.id }),
+      el("td", { class: "command", text: command, title: t.command.join(" ") }),
+      el("td", { class: "priority", text: t.priority }),
+      el("td", { class: "state" }, el("span", { class: `badge state-${t.state}`, text: state })),
+      el("td", { class: "tries", text: `${t.attempts}/${t.max_attempts}` }),
+      el("td", { class: "cost", text: money(t.cost) }),
+      el("td", { class: "sandbox", text: t.sandbox || "–" }),
+      el("td", { class: "reason", text: t.reason || "", title: t.reason || "" }),
+      el("td", { class: "actions" }, ...buttons));
+  }));
+  $("no-tasks").hidden = tasks.length > 0;
+  const msg = $("tasks-message");
+  msg.hidden = !ui.taskMessage;
+  if (ui.taskMessage) {
+    msg.textContent = ui.taskMessage.text;
+    msg.classList.toggle("error", Boolean(ui.taskMessage.error));
+  }
+}
+
+async function refreshTasks() {
+  const [tasks, report] = await Promise.allSettled([
+    api("GET", "/tasks"),
+    ui.view === "tasks" ? api("GET", "/eval?by=task") : Promise.resolve(null),
+  ]);
+  if (tasks.status === "fulfilled") ui.tasks = tasks.value;
+  renderTasks();
+  if (report.status === "fulfilled" && report.value) renderEval(report.value);
+  if (tasks.status === "rejected" && ui.view === "tasks") throw tasks.reason;
+}
+
+async function taskAct(id, action) {
+  if (ui.taskBusy.has(id)) return;
+  if (action === "reject") {
+    ui.rejecting = id;
+    $("reject-id").textContent = id;
+    $("reject-reason").value = "";
+    $("reject").showModal();
+    return;
+  }
+  await runTask(id, action, undefined);
+}
+
+async function confirmReject() {
+  const id = ui.rejecting;
+  const reason = $("reject-reason").value.trim();
+  $("reject").close();
+  ui.rejecting = null;
+  if (id) await runTask(id, "reject", { reason: reason || null });
+}
+
+async function runTask(id, action, body) {
+  const done = { approve: "approved", reject: "rejected", cancel: "cancelled" }[action];
+  ui.taskBusy.add(id);
+  ui.taskMessage = { text: `${action} ${id}…` };
+  renderTasks();
+  try {
+    const task = await api("POST", `/tasks/${enc(id)}/${action}`, body);
+    ui.taskMessage = { text: `${done} ${task.id}` + (action === "cancel" ? ""
+      : "; the daemon's scheduler finishes it at its next tick") };
+  } catch (err) {
+    ui.taskMessage = { text: err.message + (err.hint ? ` (${err.hint})` : ""), error: true };
+  } finally {
+    ui.taskBusy.delete(id);
+  }
+  await tick();
 }
 
 // ---------------------------------------------------------------- refresh loop
@@ -569,6 +711,7 @@ async function tick() {
     renderDesktops();
     renderDetail();
     if (ui.selected && ui.rows.has(ui.selected)) await refreshDetail();
+    await refreshTasks();
     setStatus(`updated ${clock(overview.now)}`);
   } catch (err) {
     if (err.status !== 401) setStatus(`${err.message}${err.hint ? " — " + err.hint : ""}`, true);
@@ -595,6 +738,18 @@ function init() {
   });
   $("view-sandboxes").addEventListener("click", () => showView("sandboxes"));
   $("view-desktops").addEventListener("click", () => showView("desktops"));
+  $("view-tasks").addEventListener("click", () => {
+    showView("tasks");
+    refreshTasks().catch(() => {});
+  });
+  $("reject-cancel").addEventListener("click", () => $("reject").close());
+  $("reject-ok").addEventListener("click", confirmReject);
+  $("reject-reason").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter") confirmReject();
+  });
+  $("reject").addEventListener("close", () => {
+    ui.rejecting = null;
+  });
   for (const button of document.querySelectorAll("#detail .actions button")) {
     button.addEventListener("click", () => act(button.dataset.action));
   }
