@@ -244,8 +244,11 @@ def test_charts_events_and_logs_render(daemon: Daemon, remote: RemoteEngine,
     page.goto(_cli_url())
     _row(page, name, "running").click()
     for chart in ("#chart-cpu", "#chart-mem"):
-        page.wait_for_function(
-            f"document.querySelector('{chart}').dataset.points >= 2", timeout=20_000)
+        # polled from here: the page's CSP forbids the eval wait_for_function would need
+        points = page.locator(chart)
+        wait_for(f"{chart} to draw two samples",
+                 lambda pts=points: int(pts.get_attribute("data-points") or 0) >= 2,
+                 timeout=20)
         expect(page.locator(f"{chart} path.line")).to_have_count(1)
         d = page.locator(f"{chart} path.line").get_attribute("d") or ""
         assert d.startswith("M") and d.count("L") >= 1

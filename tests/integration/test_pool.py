@@ -172,7 +172,12 @@ def test_maintain_replaces_a_dead_sandbox_and_a_leaked_lease(
     pool = make_pool(min_warm=2, max=4)
     pool.warm(T)
     dead, idle = _status(pool)["sandboxes"]
-    docker_ok.containers.get(engine.get(dead).runtime["container_id"]).kill()
+    ctr = docker_ok.containers.get(engine.get(dead).runtime["container_id"])
+    ctr.kill()
+    deadline = time.monotonic() + 30  # a kill is sent at once, seen as exited a bit later
+    while ctr.reload() or ctr.status == "running":
+        assert time.monotonic() < deadline, "the killed container still runs"
+        time.sleep(0.05)
     leaked = pool.claim(T)
     assert leaked.name == idle
     # its holder "dies": a process that no longer exists

@@ -17,6 +17,7 @@ from aiva.daemon import wire
 from aiva.daemon.app import Gate, create_app
 from aiva.daemon.client import RemoteEngine
 from aiva.engine import Engine
+from aiva.tasks.models import TaskNotFound, TaskStateError
 
 with warnings.catch_warnings():  # newer Starlette nags about httpx; it still works
     warnings.simplefilter("ignore")
@@ -54,6 +55,10 @@ def test_remote_engine_has_every_method_the_sdk_and_cli_use() -> None:
 def _sample(cls: type[errors.AivaError]) -> errors.AivaError:
     if cls in (errors.SandboxNotFound, errors.SandboxExists, errors.NotADesktop):
         return cls("box")
+    if cls is TaskNotFound:
+        return TaskNotFound("t-0000beef")
+    if cls is TaskStateError:
+        return TaskStateError("t-0000beef", "queued", "approve", hint="wait for it")
     if cls is errors.InvalidTransition:
         return errors.InvalidTransition("box", "paused", "use", "resume it")
     if cls is errors.CommandFailed:
