@@ -20,7 +20,6 @@ Every sandbox and container it makes is removed at the end, also on failure or C
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -32,14 +31,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
-from rich.console import Console
-from rich.table import Table
 
 # A private, short AIVA_HOME (Unix socket paths must stay short), set before aiva is
 # imported so the default engine uses it and the benchmark never sees the user's sandboxes.
@@ -55,10 +52,19 @@ PEER_LABELS = {"aiva.bench": "1", "aiva.bench.run": RUN_ID}
 MB = 1_000_000
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# piped output would otherwise wrap the table at 80 columns
-from common import fmt, no_sigint, pct, ratio, sample  # noqa: E402
+from common import (  # noqa: E402
+    Report,
+    Row,
+    console,
+    no_sigint,
+    pct,
+    progress,
+    ratio,
+    render,
+    sample,
+    write_json,
+)
 
-console = Console(width=None if sys.stdout.isatty() else 140)
 T = TypeVar("T")
 
 
@@ -78,37 +84,11 @@ FULL = Counts()
 QUICK = Counts(create=3, execs=100, exec_run=20, exec_cli=10, file_runs=1, parallel_rounds=1)
 
 
-@dataclass
-class Row:
-    """One line of the table and of core.json."""
-
-    figure: str
-    metric: str
-    unit: str
-    aiva: float | None
-    peer: str | None = None
-    peer_value: float | None = None
-    ratio: float | None = None
-    ratio_is: str | None = None
-    target: str | None = None
-    met: bool | None = None
-
-
-@dataclass
-class Report:
-    rows: list[Row] = field(default_factory=list)
-    samples: dict[str, Any] = field(default_factory=dict)
-
-
 class BenchError(RuntimeError):
     pass
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def progress(msg: str) -> None:
-    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False)
 
 
 def timed(fn: Callable[[], T]) -> tuple[float, T]:
@@ -372,32 +352,6 @@ def host_facts(client: Any, c: Counts, quick: bool) -> dict[str, Any]:
     }
 
 
-def render(rows: list[Row]) -> None:
-    table = Table(title="aiva vs Docker (same host, same run)")
-    for col in ("figure", "metric", "aiva", "peer", "peer value", "ratio", "target", "met"):
-        table.add_column(col, justify="right" if col in ("aiva", "peer value") else "left",
-                         no_wrap=True)
-    for r in rows:
-        met = {True: "[green]yes[/green]", False: "[red]NO[/red]", None: ""}[r.met]
-        rat = "-" if r.ratio is None else f"{fmt(r.ratio)}" + (
-            f" ({r.ratio_is})" if r.ratio_is else "")
-        peer_value = "-" if r.peer_value is None else f"{fmt(r.peer_value)} {r.unit}"
-        table.add_row(r.figure, r.metric, f"{fmt(r.aiva)} {r.unit}", r.peer or "-",
-                      peer_value, rat, r.target or "", met)
-    console.print(table)
-    judged = [r for r in rows if r.met is not None]
-    console.print(f"targets met: {sum(bool(r.met) for r in judged)}/{len(judged)}")
-
-
-def write_json(path: Path, host: dict[str, Any], rep: Report) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(r).items()}
-            for r in rep.rows]
-    doc = {"host": host, "rows": rows, "samples": rep.samples}
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
-    console.print(f"wrote {path}")
-
-
 # ---------------------------------------------------------------------- cleanup
 
 
@@ -507,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         res.cleanup()
-    render(rep.rows)
+    render(rep.rows, "aiva vs Docker (same host, same run)")
     write_json(out, host, rep)
     return 0
 

@@ -21,7 +21,6 @@ on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -30,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,19 +39,26 @@ os.environ["AIVA_HOME"] = HOME
 os.environ["AIVA_NO_DAEMON"] = "1"
 
 import docker  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 from aiva.config import PoolSettings  # noqa: E402
 from aiva.engine import Engine  # noqa: E402
 from aiva.tasks.pool import WarmPool  # noqa: E402
-from common import fmt, no_sigint, pct, ratio  # noqa: E402
+from common import (  # noqa: E402
+    Report,
+    Row,
+    console,
+    no_sigint,
+    pct,
+    progress,
+    ratio,
+    render,
+    write_json,
+)
 
 IMAGE = "aiva/python:latest"
 TEMPLATE = "python"
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = {"cpus": 1.0, "memory": "512MB"}
-console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 @dataclass(frozen=True)
@@ -66,30 +72,6 @@ class Counts:
 
 FULL = Counts()
 QUICK = Counts(claims=5, tasks=20, resets=2)
-
-
-@dataclass
-class Row:
-    figure: str
-    metric: str
-    unit: str
-    pool: float | None
-    peer: str | None = None
-    peer_value: float | None = None
-    ratio: float | None = None
-    ratio_is: str | None = None
-    target: str | None = None
-    met: bool | None = None
-
-
-@dataclass
-class Report:
-    rows: list[Row] = field(default_factory=list)
-    samples: dict[str, Any] = field(default_factory=dict)
-
-
-def progress(msg: str) -> None:
-    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False)
 
 
 def ms(xs: list[float]) -> list[float]:
@@ -256,30 +238,6 @@ def fig_reset(c: Counts, engine: Engine, cold: Cold, rep: Report) -> None:
 # ---------------------------------------------------------------------- output
 
 
-def render(rows: list[Row]) -> None:
-    table = Table(title="warm pool vs a cold sandbox per task (same host, same run)")
-    for col in ("figure", "metric", "pool", "peer", "peer value", "ratio", "target", "met"):
-        table.add_column(col, justify="right" if col in ("pool", "peer value") else "left",
-                         no_wrap=True)
-    for r in rows:
-        met = {True: "[green]yes[/green]", False: "[red]NO[/red]", None: ""}[r.met]
-        rat = "-" if r.ratio is None else f"{fmt(r.ratio)}" + (
-            f" ({r.ratio_is})" if r.ratio_is else "")
-        peer_value = "-" if r.peer_value is None else f"{fmt(r.peer_value)} {r.unit}"
-        table.add_row(r.figure, r.metric, f"{fmt(r.pool)} {r.unit}", r.peer or "-",
-                      peer_value, rat, r.target or "", met)
-    console.print(table)
-
-
-def write_json(path: Path, host: dict[str, Any], rep: Report) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(r).items()}
-            for r in rep.rows]
-    doc = {"host": host, "rows": rows, "samples": rep.samples}
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
-    console.print(f"wrote {path}")
-
-
 def host_facts(client: Any, c: Counts, quick: bool) -> dict[str, Any]:
     info = client.info()
     others = [x for x in client.containers.list() if x.labels.get("aiva.home") != HOME]
@@ -374,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         cleanup(client, engine, pool)
-    render(rep.rows)
+    render(rep.rows, "warm pool vs a cold sandbox per task (same host, same run)",
+           value="pool")
     write_json(out, host, rep)
     return 0
 

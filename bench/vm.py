@@ -39,13 +39,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
-
-from rich.console import Console
-from rich.table import Table
 
 # A private, short AIVA_HOME (Unix socket paths must stay short), set before aiva is
 # imported so the default engine uses it and the benchmark never sees the user's
@@ -57,7 +54,8 @@ SHARED_CACHE = Path(os.environ.get("AIVA_TEST_CACHE", Path.home() / ".aiva" / "c
 SHARED_CACHE.mkdir(parents=True, exist_ok=True)
 (Path(HOME) / "cache").symlink_to(SHARED_CACHE, target_is_directory=True)
 
-from aiva.backends.qemu import QEMU, QemuBackend, vm_dir  # noqa: E402
+from aiva.backends.qemu import QEMU, QemuBackend  # noqa: E402
+from aiva.backends.supervised import vm_dir  # noqa: E402
 from aiva.engine import Engine, default_engine  # noqa: E402
 from aiva.sdk.sandbox import Sandbox  # noqa: E402
 from aiva.vm.artifacts import VmArtifacts, ensure_vm_artifacts  # noqa: E402
@@ -74,9 +72,18 @@ RAW_DONE = b"AIVA-INIT-ERROR"  # /init ran, found no aiva.root= and powers off
 AGENT_START = "AIVA-AGENT-START"
 RESULTS = Path(__file__).resolve().parent / "results"
 
-from common import fmt, no_sigint, pct, ratio, sample  # noqa: E402
-
-console = Console(width=None if sys.stdout.isatty() else 140)
+from common import (  # noqa: E402
+    Report,
+    Row,
+    console,
+    no_sigint,
+    pct,
+    progress,
+    ratio,
+    render,
+    sample,
+    write_json,
+)
 
 
 @dataclass(frozen=True)
@@ -92,38 +99,11 @@ FULL = Counts()
 QUICK = Counts(boots=1, raw_boots=1, execs=50, snapshots=1)
 
 
-@dataclass
-class Row:
-    """One line of the table and of vm.json (the shape of core.json)."""
-
-    figure: str
-    metric: str
-    unit: str
-    aiva: float | None
-    peer: str | None = None
-    peer_value: float | None = None
-    ratio: float | None = None
-    ratio_is: str | None = None
-    target: str | None = None
-    met: bool | None = None
-
-
-@dataclass
-class Report:
-    rows: list[Row] = field(default_factory=list)
-    samples: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
 class BenchError(RuntimeError):
     pass
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def progress(msg: str) -> None:
-    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}", highlight=False)
 
 
 def ms(xs: list[float]) -> list[float]:
@@ -539,35 +519,6 @@ def host_facts(c: Counts, quick: bool, art: VmArtifacts, accel: str, smp: int
     }
 
 
-def render(rows: list[Row], accel: str, notes: list[str]) -> None:
-    table = Table(title=f"aiva microVMs (QEMU microvm, {accel}) vs peers (same host, same run)")
-    for col in ("figure", "metric", "aiva", "peer", "peer value", "ratio", "target", "met"):
-        table.add_column(col, justify="right" if col in ("aiva", "peer value") else "left",
-                         no_wrap=True)
-    for r in rows:
-        met = {True: "[green]yes[/green]", False: "[red]NO[/red]", None: ""}[r.met]
-        rat = "-" if r.ratio is None else f"{fmt(r.ratio)}" + (
-            f" ({r.ratio_is})" if r.ratio_is else "")
-        aiva = "-" if r.aiva is None else f"{fmt(r.aiva)} {r.unit}"
-        peer_value = "-" if r.peer_value is None else f"{fmt(r.peer_value)} {r.unit}"
-        table.add_row(r.figure, r.metric, aiva, r.peer or "-", peer_value, rat,
-                      r.target or "", met)
-    console.print(table)
-    judged = [r for r in rows if r.met is not None]
-    console.print(f"targets met: {sum(bool(r.met) for r in judged)}/{len(judged)}")
-    for note in notes:
-        console.print(f"note: {note}", highlight=False)
-
-
-def write_json(path: Path, host: dict[str, Any], rep: Report) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(r).items()}
-            for r in rep.rows]
-    doc = {"host": host, "rows": rows, "notes": rep.notes, "samples": rep.samples}
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False, default=str) + "\n")
-    console.print(f"wrote {path}")
-
-
 # ---------------------------------------------------------------------- cleanup
 
 
@@ -692,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         res.cleanup()
-    render(rep.rows, accel, rep.notes)
+    render(rep.rows, f"aiva microVMs (QEMU microvm, {accel}) vs peers (same host, same run)",
+           notes=rep.notes)
     write_json(out, host, rep)
     return 0
 

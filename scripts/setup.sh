@@ -37,8 +37,7 @@ if ! .venv/bin/python -c 'import aiva, pytest, hypothesis' 2>/dev/null \
 fi
 
 # --- Host tools: the Docker engine, mmdebstrap (images), busybox (initramfs, test image),
-#     QEMU (microVMs), nftables (egress allow-lists), Chromium (dashboard tests, driven by
-#     Playwright)
+#     QEMU (microVMs), nftables (egress allow-lists)
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
@@ -47,7 +46,6 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v nft >/dev/null || need+=(nftables)  # VM NAT, --network allow=... rules
-command -v chromium >/dev/null || need+=(chromium)  # the dashboard's browser tests
 if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]}"
   apt_install "${need[@]}"

@@ -54,6 +54,7 @@ from aiva import paths
 from aiva.config import PoolSettings, aiva_home
 from aiva.errors import AivaError, InvalidValue, SandboxExists, SandboxNotFound
 from aiva.models import SandboxSpec, State, utcnow
+from aiva.store import SqliteFile
 
 if TYPE_CHECKING:
     from aiva.collector import Collector
@@ -279,29 +280,17 @@ def member_of(name: str, sandbox_id: str, state: str, runtime: dict[str, Any],
 # ---------------------------------------------------------------------- the pool
 
 
-class _PoolDB:
-    """The pool's two tables in the state db, through a connection of its own."""
+class _PoolDB(SqliteFile):
+    """The pool's two tables in the state db (a connection per thread, like the stores)."""
 
     def __init__(self, path: Path) -> None:
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        super().__init__(path, SCHEMA)
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        return self._db.execute(sql, args).fetchall()
 
     def write(self, sql: str, args: tuple[Any, ...] = ()) -> None:
-        with self._lock:
-            self._db.execute(sql, args)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.execute(sql, args)
 
 
 class WarmPool:
