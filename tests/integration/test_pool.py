@@ -183,7 +183,11 @@ def test_maintain_replaces_a_dead_sandbox_and_a_leaked_lease(
     # its holder "dies": a process that no longer exists
     engine.store.update(idle, runtime={"pool_busy": {"holder": "999999999:1", "since": 0}})
     done = pool.maintain(T)[T]
-    assert sorted(done["reaped"]) == sorted([dead, idle])
+    # the dead one goes either when a claim picks it (it does not answer: replaced at
+    # once) or here; which one a claim picks first is the pool's choice
+    replaced = [e for e in engine.store.events()
+                if e.kind == "pool_replaced" and e.sandbox == dead]
+    assert sorted(done["reaped"]) == sorted([idle] + ([] if replaced else [dead]))
     assert len(done["created"]) == 2 and not done["errors"]
     st = _status(pool)
     assert (st["warm"], st["busy"]) == (2, 0)
