@@ -128,6 +128,8 @@ class QemuBackend(SupervisedVM):
         launch = {"argv": argv, "console": str(run / "console.sock"),
                   "agent_upstream": str(run / "agent-up.sock"),
                   "agent_listen": str(run / SOCKET_NAME), "network": net.to_dict(),
+                  "syslog_upstream": str(run / "syslog-up.sock"),
+                  "syslog_out": str(run / SYSLOG_NAME),
                   "helpers": helpers}
         (d / "launch.json").write_text(json.dumps(launch, indent=1))
         with (d / "supervisor.log").open("ab") as log:
@@ -201,7 +203,8 @@ class QemuBackend(SupervisedVM):
         return Observed(State.PAUSED if status == "paused" else State.RUNNING)
 
     def syslog_path(self, sb: SandboxInfo) -> Path | None:
-        """QEMU appends what the guest's agent writes to the port ``aiva.syslog`` here."""
+        """The supervisor writes what the guest's agent sends on the port ``aiva.syslog``
+        here (bounded, rotated to ``.1``, like the agent's own file on Docker)."""
         return paths.run_dir(sb.id) / SYSLOG_NAME
 
     def metrics(self, sb: SandboxInfo) -> SandboxMetrics:
@@ -367,8 +370,9 @@ def _qemu_argv(sb: SandboxInfo, accel: str, run: Path, net: network.VmNetwork) -
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={run}/agent-up.sock,server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=aiva.agent",
-        # the guest's syslog: the agent writes JSON lines to this port, QEMU appends them
-        "-chardev", f"file,id=syslog,path={run}/{SYSLOG_NAME},append=on",
+        # the guest's syslog: the agent writes JSON lines to this port; the supervisor
+        # reads them from this socket into run/syslog.jsonl, bounded and rotated
+        "-chardev", f"socket,id=syslog,path={run}/syslog-up.sock,server=on,wait=off",
         "-device", "virtserialport,chardev=syslog,name=aiva.syslog",
         "-chardev", f"socket,id=con,path={run}/console.sock,server=on,wait=off",
         "-serial", "chardev:con",

@@ -8,7 +8,10 @@
   supervisor holds it and serves any number of aiva clients on ``agent.sock``, giving
   each client's channels their own ids upstream. A client that goes away has its open
   channels cancelled in the guest;
-- timestamps the serial console into ``console.jsonl`` (the engine log of a VM);
+- timestamps the serial console into ``console.jsonl`` (the engine log of a VM) and
+  writes the guest's syslog port into ``syslog.jsonl``: both are the guest's words, so both
+  are bounded here (lines cut at ``MAX_LINE``, files rotated to ``.1`` at ``ROTATE_AT``)
+  and a guest that floods them cannot fill the host's disk;
 - first starts the VM's helpers (``launch.json`` ``helpers``: virtiofsd for host
   directories, see ``aiva.vm.hostfs``), waits for each one's socket, and ends them after
   QEMU.
@@ -30,6 +33,59 @@ from aiva.agent import protocol as p
 from aiva.vm import network
 
 K = p.FrameKind
+ROTATE_AT = 8 << 20  # bytes: a log file moves to NAME.1 (replacing the older one) past this
+MAX_LINE = 64 << 10  # bytes of one line kept; the rest of an overlong line is dropped
+
+
+class BoundedLog:
+    """An append-only JSON-lines file of at most about ``2 * ROTATE_AT`` bytes on disk:
+    past ``ROTATE_AT`` it becomes ``NAME.1`` and a new one starts. The file is created by
+    this (host) process in the VM's own directory; the guest only chooses the bytes."""
+
+    def __init__(self, path: Path, rotate_at: int = ROTATE_AT) -> None:
+        self.path, self.rotate_at = path, rotate_at
+        self._f = self._open()
+
+    def _open(self) -> Any:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        return os.fdopen(fd, "ab")
+
+    def write(self, line: bytes) -> None:
+        if self._f.tell() + len(line) > self.rotate_at and self._f.tell() > 0:
+            self._f.close()
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self._f = self._open()
+        self._f.write(line)
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+async def read_lines(reader: asyncio.StreamReader) -> Any:
+    """Lines from ``reader`` without their ending, each cut at ``MAX_LINE`` bytes: an
+    endless line costs a bounded buffer, never the host's memory."""
+    pending = bytearray()
+    dropping = False
+    while data := await reader.read(1 << 16):
+        pending += data
+        while True:
+            end = pending.find(b"\n")
+            if end < 0:
+                if len(pending) > MAX_LINE:
+                    if not dropping:
+                        yield bytes(pending[:MAX_LINE])
+                    dropping = True
+                    pending.clear()
+                break
+            line = bytes(pending[:end]).rstrip(b"\r")
+            del pending[:end + 1]
+            if not dropping:
+                yield line[:MAX_LINE]
+            dropping = False
+    if pending and not dropping:
+        yield bytes(pending[:MAX_LINE])
 
 
 class Client:
@@ -111,11 +167,25 @@ async def _pump_agent(reader: asyncio.StreamReader, mux: Mux) -> None:
 
 
 async def _pump_console(reader: asyncio.StreamReader, out: Path) -> None:
-    with out.open("a", encoding="utf-8") as f:
-        while line := await reader.readline():
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            f.write(json.dumps({"t": time.time(), "s": "console", "d": text}) + "\n")
-            f.flush()
+    log = BoundedLog(out)
+    try:
+        async for line in read_lines(reader):
+            text = line.decode("utf-8", "replace")
+            log.write((json.dumps({"t": time.time(), "s": "console", "d": text}) + "\n")
+                      .encode())
+    finally:
+        log.close()
+
+
+async def _pump_syslog(reader: asyncio.StreamReader, out: Path) -> None:
+    """The guest agent's syslog port: JSON lines it formats itself, kept as they come
+    (whoever reads them parses them as untrusted), bounded like the console."""
+    log = BoundedLog(out)
+    try:
+        async for line in read_lines(reader):
+            log.write(line + b"\n")
+    finally:
+        log.close()
 
 
 async def _start_helpers(vm_dir: Path, helpers: list[dict[str, Any]], deadline: float
@@ -185,6 +255,10 @@ async def _supervise_vmm(vm_dir: Path, spec: dict[str, Any], on_stdout: bool) ->
             con_r, _con_w = await _connect(spec["console"], deadline)
         # read the console at once: a full pipe would stall the guest's serial port
         console = asyncio.create_task(_pump_console(con_r, vm_dir / "console.jsonl"))
+        pumps = [console]
+        if spec.get("syslog_upstream"):
+            log_r, _log_w = await _connect(spec["syslog_upstream"], deadline)
+            pumps.append(asyncio.create_task(_pump_syslog(log_r, Path(spec["syslog_out"]))))
         up_r, up_w = await _connect(spec["agent_upstream"], deadline,
                                     spec.get("agent_handshake"), waiter)
     except OSError as exc:
@@ -227,7 +301,7 @@ async def _supervise_vmm(vm_dir: Path, spec: dict[str, Any], on_stdout: bool) ->
             server.close()
             _record_exit(vm_dir, qemu.returncode, f"cannot publish ports: {exc}")
             return 1
-    tasks = [asyncio.create_task(_pump_agent(up_r, mux)), console]
+    tasks = [asyncio.create_task(_pump_agent(up_r, mux)), *pumps]
     code = await waiter
     server.close()
     for fwd in forwards:
