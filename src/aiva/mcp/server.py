@@ -407,11 +407,18 @@ def build_server(engine: Engine, limits: Limits | None = None) -> MCPServer:
             meta, chunks = engine.read_stream(sandbox, full)
             kept = bytearray()
             pos = 0
-            for chunk in chunks:  # read to the end: the stream is then finished cleanly
-                start, end = max(offset - pos, 0), min(offset + want - pos, len(chunk))
-                if end > start:
-                    kept += chunk[start:end]
-                pos += len(chunk)
+            try:
+                for chunk in chunks:
+                    start, end = max(offset - pos, 0), min(offset + want - pos, len(chunk))
+                    if end > start:
+                        kept += chunk[start:end]
+                    pos += len(chunk)
+                    if pos >= offset + want:
+                        break  # the window is full: the rest is never read
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()  # an abandoned stream cancels its channel in the agent
             return bytes(kept), max(pos, int(meta.get("size", 0)))
 
         data, size = await run_sync(read)
