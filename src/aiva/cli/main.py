@@ -58,7 +58,8 @@ CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPU cores (fracti
 MemOpt = Annotated[str | None, typer.Option("--memory", "-m", help="e.g. 512MB, 2GB")]
 DiskOpt = Annotated[str | None, typer.Option("--disk", help="e.g. 20GB")]
 PortOpt = Annotated[list[str] | None, typer.Option(
-    "--port", "-p", help="[IP:]HOST:GUEST[/udp]; binds 127.0.0.1 unless an IP is given")]
+    "--port", "-p", help="HOST:GUEST or IP:HOST:GUEST, /udp at the end for UDP; binds "
+    "127.0.0.1 unless an IP is given")]
 MountOpt = Annotated[list[str] | None, typer.Option(
     "--mount", help="DIR[:GUEST_PATH][:ro]: a host directory in the sandbox (default: at the "
     "same path; ro: read-only)")]
