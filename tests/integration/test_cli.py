@@ -216,3 +216,25 @@ def test_timeout_options_and_extend(python_image: str, names: list[str]) -> None
     after = json.loads(aiva("status", name, "--format", "json").stdout)["runtime"]["deadline"]
     assert after >= before + 119
     assert_clean_error(aiva("start", _name(names), "--restart", "sometimes"), 2, "sometimes")
+
+
+def test_exec_options_after_the_name(python_image: str, names: list[str]) -> None:
+    """The README's form: `exec NAME [-i -e --cwd --user --timeout] -- CMD...`."""
+    name = _name(names)
+    assert aiva("start", name).returncode == 0
+    r = aiva("exec", name, "--cwd", "/tmp", "-e", "WHO=me", "--", "sh", "-c", "pwd; echo $WHO")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["/tmp", "me"]
+    r = aiva("exec", name, "-i", "--timeout", "30", "--", "cat", input="piped\n")
+    assert (r.returncode, r.stdout) == (0, "piped\n")
+    r = aiva("exec", name, "--user=nobody", "--", "id", "-un")
+    assert r.stdout.strip() == "nobody"
+    # a command without -- still works, its own options untouched
+    r = aiva("exec", name, "python3", "-c", "print(6*7)")
+    assert r.stdout == "42\n"
+    # a dash word that is not one of exec's options is refused, with the right form
+    r = aiva("exec", name, "--cdw", "/tmp", "--", "pwd")
+    assert_clean_error(r, 2, "'--cdw' is not an option of aiva exec")
+    assert "-- CMD" in r.stderr
+    logs = aiva("logs", name).stdout
+    assert "sh -c 'pwd; echo $WHO'" in logs and "--cwd" not in logs

@@ -282,10 +282,51 @@ def ls_(fmt: Format = output.Fmt.table) -> None:
 # ---------------------------------------------------------------------- inside
 
 
-@app.command(name="exec", context_settings={"allow_interspersed_args": False})
+EXEC_FORM = "aiva exec NAME [-i] [-e K=V] [--cwd DIR] [--user U] [--timeout S] -- CMD ARGS..."
+_EXEC_VALUED = {"-e": "env", "--env": "env", "-w": "cwd", "--cwd": "cwd", "-u": "user",
+                "--user": "user", "--timeout": "timeout"}
+_EXEC_FLAGS = {"-i": "interactive", "--interactive": "interactive"}
+
+
+def split_exec_args(words: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """exec's own options given after NAME, and the command: options are read up to
+    ``--`` or the first word that is not one; everything after is the command, verbatim.
+    An unknown ``-x`` before the command is refused (it may be a typo of an option)."""
+    opts: dict[str, Any] = {"env": []}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            return opts, words[i + 1:]
+        if not word.startswith("-") or word == "-":
+            return opts, words[i:]
+        key, eq, value = word.partition("=")
+        if key in _EXEC_FLAGS and not eq:
+            opts[_EXEC_FLAGS[key]] = True
+        elif key in _EXEC_VALUED:
+            if not eq:
+                if i + 1 >= len(words):
+                    raise InvalidValue(f"{key} needs a value", hint=EXEC_FORM)
+                i += 1
+                value = words[i]
+            dest = _EXEC_VALUED[key]
+            if dest == "env":
+                opts["env"].append(value)
+            else:
+                opts[dest] = value
+        else:
+            raise InvalidValue(f"'{word}' is not an option of aiva exec",
+                               hint=f"put the command after --: {EXEC_FORM}")
+        i += 1
+    return opts, []
+
+
+@app.command(name="exec", context_settings={"allow_interspersed_args": False,
+                                            "ignore_unknown_options": True})
 def exec_(
     name: str,
-    command: Annotated[list[str], typer.Argument(help="the command and its arguments")],
+    command: Annotated[list[str] | None, typer.Argument(
+        help="exec's options, then -- and the command with its arguments")] = None,
     env: EnvOpt = None,
     cwd: Annotated[str | None, typer.Option("--cwd", "-w")] = None,
     user: Annotated[str | None, typer.Option("--user", "-u")] = None,
@@ -293,11 +334,22 @@ def exec_(
     interactive: Annotated[bool, typer.Option("--interactive", "-i",
                                               help="send stdin to the command")] = False,
 ) -> None:
-    """Run a command in a sandbox: aiva exec NAME -- CMD ARGS... (exits with its code)."""
+    """Run a command in a sandbox: aiva exec NAME [OPTIONS] -- CMD ARGS... (exits with
+    its code). Options may come before or after NAME."""
     engine = _engine()
-    argv = command[1:] if command and command[0] == "--" else command
+    late, argv = split_exec_args(list(command or []))
+    env = [*(env or []), *late.pop("env")]
+    cwd = late.get("cwd", cwd)
+    user = late.get("user", user)
+    interactive = late.get("interactive", interactive)
+    if "timeout" in late:
+        try:
+            timeout = float(late["timeout"])
+        except ValueError:
+            raise InvalidValue(f"--timeout must be a number of seconds, not "
+                               f"{late['timeout']!r}", hint=EXEC_FORM) from None
     if not argv:
-        raise InvalidValue("no command given", hint="aiva exec NAME -- CMD ARGS...")
+        raise InvalidValue("no command given", hint=EXEC_FORM)
 
     def out(text: str) -> None:
         sys.stdout.write(text)
