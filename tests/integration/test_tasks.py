@@ -276,7 +276,8 @@ def test_a_failed_gate_rolls_back_and_records_the_lesson(engine: Any, tmp_path: 
         spy = spies[0]
         mark = last_event_id(engine)
         task = store.add(Task(
-            command=shell("echo 'ANSWER = 41' > app.py; echo broken >> /etc/issue"),
+            command=shell("echo 'ANSWER = 41' > app.py; echo broken >> /etc/issue; "
+                          "echo edited app.py; echo warned >&2"),
             workspace=str(ws), gate="python3 test_app.py"))
         with ticking(sched):
             wait_for(lambda: finished(store, [task.id]), 60, "the gated task")
@@ -307,6 +308,16 @@ def test_a_failed_gate_rolls_back_and_records_the_lesson(engine: Any, tmp_path: 
         assert lesson["command"] == task.command and lesson["reason"] == done.reason
         assert lesson["time"] and lesson["sandbox"] == name
         assert isinstance(json.loads(gates.lessons_path().read_text()), list)
+        # the task's output is the task's: the command's and the gate's, with exit codes
+        r = subprocess.run([*AIVA, "task", "logs", task.id], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "edited app.py" in r.stdout and "warned" in r.stderr
+        assert "(gate) python3 test_app.py" in r.stdout and "exit 0" in r.stdout
+        assert "AssertionError: 41" in r.stderr and "exit 1" in r.stdout
+        r = subprocess.run([*AIVA, "task", "show", task.id], capture_output=True, text=True,
+                           timeout=60)
+        assert "kept sandbox" in r.stdout and f"aiva start {name}" in r.stdout
 
 
 def test_an_l2_task_waits_for_approval(engine: Any, tmp_path: Path) -> None:
@@ -340,6 +351,12 @@ def test_an_l2_task_waits_for_approval(engine: Any, tmp_path: Path) -> None:
             wait_for(sched.idle, 30, "the finishing workers")
         assert store.get(ok.id).state == TaskState.succeeded
         assert (ws_ok / "out.txt").read_text() == "result\n"
+        from aiva.tasks.output import output_path
+        assert output_path(ok.id).is_file()  # kept with the task, not in its sandbox
+        r = subprocess.run([*AIVA, "task", "logs", ok.id], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and "echo result > out.txt" in r.stdout, r.stderr
+        assert "(gate) test -f out.txt" in r.stdout and r.stdout.count("exit 0") == 2
         rejected = store.get(no.id)
         assert rejected.state == TaskState.rolled_back
         assert rejected.reason == "rejected: not what we wanted"

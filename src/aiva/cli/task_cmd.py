@@ -7,6 +7,7 @@ See docs/TASKS.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -216,27 +217,53 @@ def show(task_id: TaskId, fmt: Format = Fmt.table) -> None:
         table.add_row(key, text)
     if task.duration is not None:
         table.add_row("duration", f"{task.duration:.3f} s")
+    kept = _kept_sandbox(task)
+    if kept:
+        table.add_row("kept sandbox", escape(kept))
     console.print(table)
+
+
+def _kept_sandbox(task: Task) -> str | None:
+    """After a gate's rollback the sandbox leaves the pool, stopped, with its pre-task
+    snapshot: say which one and how to look inside."""
+    if task.state != TaskState.rolled_back or not task.sandbox:
+        return None
+    try:
+        if not _engine().exists(task.sandbox):
+            return None
+    except AivaError:
+        return None
+    return (f"{task.sandbox} (stopped, restored to snapshot pre-{task.id}): "
+            f"`aiva start {task.sandbox}`, then `aiva exec {task.sandbox} -- sh`; "
+            f"`aiva rm {task.sandbox} --volumes` when done")
 
 
 @task_app.command("logs")
 def logs(task_id: TaskId) -> None:
-    """The output of the task's command in its sandbox (while it ran)."""
+    """What the task printed: its command's output and exit code, and its gate's, kept
+    with the task (also once its sandbox is reset or gone)."""
+    from aiva.tasks.output import read_task_output
+
     store = _store()
     try:
         task = store.get(task_id)
     finally:
         store.close()
+    kept = read_task_output(task.id)
+    if kept is not None:
+        for line in kept:
+            output.log_line(_task_line(line))
+        return
     if task.sandbox is None:
         err_console.print(f"task {task.id} has not run yet; its output shows here once it "
                           "runs" if task.state == TaskState.queued else
                           f"task {task.id} never ran ({task.state.value})", highlight=False)
         return
-    try:
+    try:  # a task run before outputs were kept with tasks: its sandbox's log
         lines = _engine().logs(task.sandbox)
     except SandboxNotFound:
-        raise AivaError(f"the sandbox of task {task.id} ({task.sandbox}) is gone, and its "
-                        "logs with it",
+        raise AivaError(f"task {task.id} kept no output, and its sandbox ({task.sandbox}) "
+                        "is gone",
                         hint=f"its events remain: `aiva events --sandbox {task.sandbox}`"
                         ) from None
     # a pool sandbox runs many tasks: keep this task's stretch of its log
@@ -248,6 +275,14 @@ def logs(task_id: TaskId) -> None:
                           highlight=False)
     for line in mine:
         output.log_line(line)
+
+
+def _task_line(line: Any) -> Any:
+    """Gate lines shown like the command's: ``$ gate``, its output, ``exit N``."""
+    source = {"gate": "cmd", "gate-stdout": "stdout", "gate-stderr": "stderr",
+              "gate-exit": "exit"}.get(line.source, line.source)
+    text = f"(gate) {line.text}" if line.source == "gate" else line.text
+    return dataclasses.replace(line, source=source, text=text)
 
 
 # ---------------------------------------------------------------------- change

@@ -23,7 +23,7 @@ import math
 import os
 import statistics
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,11 +56,20 @@ class GateResult:
 # ---------------------------------------------------------------------- L0
 
 
-def run_l0(engine: Engine, sandbox: str, gate: str, *, timeout: float | None = None
-           ) -> GateResult:
-    """The gate command through ``/bin/sh -c`` in the task's workspace."""
+def run_l0(engine: Engine, sandbox: str, gate: str, *, timeout: float | None = None,
+           record: Callable[[str, str], None] | None = None) -> GateResult:
+    """The gate command through ``/bin/sh -c`` in the task's workspace; ``record(source,
+    text)`` keeps what it printed with the task (sources ``gate``, ``gate-stdout``,
+    ``gate-stderr``, ``gate-exit``)."""
+    if record is not None:
+        record("gate", gate)
     res = engine.exec(sandbox, gate, cwd=WORKDIR, timeout=timeout)
     exit_code = getattr(res, "exit_code", 0)
+    if record is not None:
+        for stream in ("stdout", "stderr"):
+            if text := getattr(res, stream, ""):
+                record(f"gate-{stream}", text)
+        record("gate-exit", str(exit_code))
     if exit_code == 0:
         return GateResult(True, "L0")
     out = (getattr(res, "stderr", "") or getattr(res, "stdout", "") or "").strip()

@@ -23,14 +23,17 @@ seconds it held it, summed over attempts.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import logging
+import shlex
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from aiva.agent.protocol import FrameKind
 from aiva.agent_client import ExecResult, ProcessHandle
 from aiva.collector import GIB, price_for
 from aiva.config import Config
@@ -47,6 +50,7 @@ from aiva.models import State, utcnow
 from aiva.tasks import gates
 from aiva.tasks.gates import WORKDIR
 from aiva.tasks.models import FINISHED, Task, TaskState
+from aiva.tasks.output import TaskOutput
 from aiva.tasks.pool import PoolExhausted
 
 if TYPE_CHECKING:
@@ -305,35 +309,63 @@ def _attempt(engine: Engine, pool: PoolLike, store: TaskStore, task: Task, lease
 def _run_command(engine: Engine, store: TaskStore, task: Task, name: str,
                  stop: threading.Event | None) -> ExecResult:
     """The command in the background, waited for in steps: between them a cancel (the
-    task's state in the store) or a shutdown (``stop``) kills it."""
+    task's state in the store) or a shutdown (``stop``) kills it. What it prints is
+    kept with the task (``TaskOutput``), not only in the sandbox's log."""
     if store.get(task.id).state != TaskState.running:
         raise Interrupted("cancelled before the command started")
-    handle = engine.exec(name, task.command, cwd=WORKDIR, timeout=task.timeout,
-                         background=True)
-    assert isinstance(handle, ProcessHandle)
-    while True:
-        try:
-            return handle.wait(timeout=POLL)
-        except CommandTimeout:
-            pass
-        why = None
-        if store.get(task.id).state == TaskState.cancelled:
-            why = "cancelled"
-        elif stop is not None and stop.is_set():
-            why = "the scheduler stopped"
-        if why is not None:
-            with contextlib.suppress(AivaError):
-                handle.kill()
-            with contextlib.suppress(AivaError):
-                handle.wait(timeout=5)
-            raise Interrupted(why)
+    out = TaskOutput(task.id)
+    out.write("cmd", shlex.join(task.command) + f"   (attempt {task.attempts}, in {name})")
+    decoders = {FrameKind.STDOUT: codecs.getincrementaldecoder("utf-8")("replace"),
+                FrameKind.STDERR: codecs.getincrementaldecoder("utf-8")("replace")}
+
+    def keep(kind: int, data: bytes) -> None:
+        if text := decoders[kind].decode(data):
+            out.write("stderr" if kind == FrameKind.STDERR else "stdout", text)
+
+    try:
+        handle = engine.exec(name, task.command, cwd=WORKDIR, timeout=task.timeout,
+                             background=True, on_bytes=keep)
+        assert isinstance(handle, ProcessHandle)
+        while True:
+            try:
+                result = handle.wait(timeout=POLL)
+            except CommandTimeout:
+                _check_interrupt(store, task, stop, handle, out)
+                continue
+            out.write("exit", str(result.exit_code)
+                      + (" (timed out)" if result.timed_out else ""))
+            return result
+    finally:
+        out.close()
+
+
+def _check_interrupt(store: TaskStore, task: Task, stop: threading.Event | None,
+                     handle: ProcessHandle, out: TaskOutput) -> None:
+    """Between two waits: a cancel or a shutdown kills the command."""
+    why = None
+    if store.get(task.id).state == TaskState.cancelled:
+        why = "cancelled"
+    elif stop is not None and stop.is_set():
+        why = "the scheduler stopped"
+    if why is not None:
+        with contextlib.suppress(AivaError):
+            handle.kill()
+        with contextlib.suppress(AivaError):
+            handle.wait(timeout=5)
+        out.write("exit", f"killed: {why}")
+        raise Interrupted(why)
 
 
 def _gates(engine: Engine, store: TaskStore, task: Task, name: str, threshold: float,
            default_template: str) -> Any:
     """The gates the task asks for, one result at a time (stop at the first failure)."""
     if task.gate:
-        yield gates.run_l0(engine, name, task.gate, timeout=task.timeout)
+        out = TaskOutput(task.id)
+        try:
+            yield gates.run_l0(engine, name, task.gate, timeout=task.timeout,
+                               record=out.write)
+        finally:
+            out.close()
     if task.metrics_file:
         now = utcnow()
         duration = (now - task.started_at).total_seconds() if task.started_at else None
