@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -142,6 +144,17 @@ def test_token_socket_modes_and_openapi(daemon: Daemon) -> None:
                   "/v1/sandboxes/{name}/files/content", "/v1/sandboxes/{name}/snapshots",
                            "/v1/sandboxes/{name}/logs/follow", "/v1/events"):
         assert route in paths, route
+
+
+def test_dashboard_open_without_a_browser_prints_the_url(daemon: Daemon) -> None:
+    """`aiva daemon start --port N && aiva dashboard --open` (the README's line) must not
+    fail where no browser can be opened: the URL is printed either way."""
+    r = subprocess.run([sys.executable, "-m", "aiva.cli.main", "dashboard", "--open"],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "BROWSER": "false"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"http://127.0.0.1:{daemon.port}/ui/#token=")
+    assert "no web browser" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_errors_come_back_as_the_same_classes(daemon: Daemon, remote: RemoteEngine) -> None:

@@ -6,6 +6,7 @@ test_dashboard_desktop.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -96,6 +97,11 @@ def test_cli_vnc_and_webm_recording(desk: Sandbox, tmp_path: Path) -> None:
     r = subprocess.run([*AIVA, "vnc", desk.name], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == desk.desktop().url
+    # no browser here: the URL is still printed and it is not a failure (as `dashboard`)
+    r = subprocess.run([*AIVA, "vnc", desk.name, "--open"], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "BROWSER": "false"})
+    assert (r.returncode, r.stdout.strip()) == (0, desk.desktop().url), r.stderr
+    assert "no browser" in r.stderr
     dest = tmp_path / "screen.webm"
     r = subprocess.run([*AIVA, "vnc", desk.name, "--record", str(dest), "--duration", "2"],
                        capture_output=True, text=True, timeout=120)

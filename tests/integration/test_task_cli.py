@@ -77,8 +77,11 @@ def test_add_ls_show_cancel(added: list[str], tmp_path: Path) -> None:
     assert mine[0]["command"] == ["python3", "-c", "print(1)"]
     assert mine[1]["command"] == ["echo", "hello world"]
 
-    r = aiva("task", "ls")
+    r = aiva("task", "ls", env={"COLUMNS": "250"})
     assert r.returncode == 0 and crit in r.stdout and "critical" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if crit in line)
+    assert "python3 -c 'print(1)'" in row and "cli-crit" in row  # the command, and the name
+    assert "NAME" in r.stdout.splitlines()[0]
 
     r = aiva("task", "show", crit, "--format", "yaml")
     shown = yaml.safe_load(r.stdout)

@@ -39,3 +39,18 @@ def test_help_renders(path: tuple[str, ...]) -> None:
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     assert "Usage" in result.output
+
+
+def test_version() -> None:
+    from aiva import __version__
+
+    for flag in ("--version", "-V"):
+        result = CliRunner().invoke(app, [flag])
+        assert (result.exit_code, result.output) == (0, f"aiva {__version__}\n")
+
+
+def test_port_help_says_a_lone_guest_port_takes_a_free_host_port() -> None:
+    for cmd in ("start", "deploy"):
+        text = " ".join(CliRunner().invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
+                        .output.split())
+        assert "GUEST alone takes a free host port" in text, cmd

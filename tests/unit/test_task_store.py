@@ -348,3 +348,23 @@ def test_report_figures_on_a_known_set(store: TaskStore) -> None:
     assert len(past) == 3 and all(p.state == TaskState.succeeded for p in past)
     assert past[0].finished_at > past[-1].finished_at  # type: ignore[operator]
     assert evaluator.history(store, Task(command=["make", "test"], template="minimal")) == []
+
+
+def test_time_waiting_for_approval_is_not_the_tasks_duration(store: TaskStore) -> None:
+    """An L2 task that ran 10 s and waited an hour for a person counts 10 s in the report."""
+    from aiva.tasks import runner
+
+    t = store.add(Task(command=["deploy"], name="l2", approve=True))
+    store.claim(t.id)
+    store.update(t.id, started_at=T0)
+    held = runner._finish(store, store.get(t.id), TaskState.awaiting_approval)
+    assert held.held_at is not None
+    store.update(t.id, held_at=T0 + timedelta(seconds=10))  # it began waiting at +10 s
+    back = runner._finish(store, store.get(t.id), TaskState.running)
+    assert back.held_at is None and back.held_seconds > 3600  # waited until now
+    store.update(t.id, held_seconds=3600.0)
+    done = store.update(t.id, state=TaskState.succeeded,
+                        finished_at=T0 + timedelta(seconds=3610))
+    assert done.duration == 3610 and done.run_seconds == 10
+    row = next(r for r in evaluator.report(store, "task") if r["key"] == "l2")
+    assert (row["p50_seconds"], row["p95_seconds"]) == (10, 10)

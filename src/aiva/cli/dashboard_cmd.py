@@ -50,6 +50,8 @@ def dashboard(
     if open_:
         import webbrowser
 
-        if not webbrowser.open(url, new=2):
-            raise AivaError("no web browser could be opened here",
-                            hint="open the URL above in a browser on this machine")
+        if not webbrowser.open(url, new=2):  # the URL is printed: not a failure (as vnc)
+            from aiva.cli.output import err_console
+
+            err_console.print("no web browser could be opened here; open the URL above in "
+                              "a browser on this machine", highlight=False)

@@ -19,7 +19,7 @@ def deploy(
         "--entry", help="the command to keep running (default: aiva.yaml's entry, or the "
                         "image's own command)")] = None,
     port: Annotated[list[str] | None, typer.Option(
-        "--port", "-p", help="[IP:]HOST:GUEST; binds 127.0.0.1 unless an IP is given")] = None,
+        "--port", "-p", help=output.PORT_HELP)] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
     restart: Annotated[str | None, typer.Option(
         "--restart", help="no, on-failure[:N] or always (default always)")] = None,

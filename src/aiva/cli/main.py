@@ -35,6 +35,21 @@ app.command("dashboard")(dashboard)
 Format = Annotated[output.Fmt, typer.Option("--format", "-o", help="table, json or yaml")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from aiva import __version__
+
+        print(f"aiva {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", "-V", help="print aiva's version and exit", callback=_version,
+        is_eager=True)] = False) -> None:
+    """Isolated machines for AI agents and MCP servers."""
+
+
 def _engine() -> Any:
     from aiva.engine import default_engine
 
@@ -58,8 +73,7 @@ CpusOpt = Annotated[float | None, typer.Option("--cpus", help="CPU cores (fracti
 MemOpt = Annotated[str | None, typer.Option("--memory", "-m", help="e.g. 512MB, 2GB")]
 DiskOpt = Annotated[str | None, typer.Option("--disk", help="e.g. 20GB")]
 PortOpt = Annotated[list[str] | None, typer.Option(
-    "--port", "-p", help="HOST:GUEST or IP:HOST:GUEST, /udp at the end for UDP; binds "
-    "127.0.0.1 unless an IP is given")]
+    "--port", "-p", help=output.PORT_HELP)]
 MountOpt = Annotated[list[str] | None, typer.Option(
     "--mount", help="DIR[:GUEST_PATH][:ro]: a host directory in the sandbox (default: at the "
     "same path; ro: read-only)")]

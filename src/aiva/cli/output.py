@@ -35,6 +35,11 @@ class Fmt(StrEnum):
     yaml = "yaml"
 
 
+#: -p of start, init and deploy (no square brackets: help text is rich markup)
+PORT_HELP = ("HOST:GUEST or IP:HOST:GUEST (/udp at the end for UDP); GUEST alone takes a "
+             "free host port, which `aiva status` shows. Binds 127.0.0.1 unless an IP is "
+             "given")
+
 def ok(msg: str) -> None:
     err_console.print(f"[green]✓[/] {escape(msg)}", highlight=False)
 

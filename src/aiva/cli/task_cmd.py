@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -174,13 +175,16 @@ def ls_(
         err_console.print("no tasks" + (f" {state.value}" if state else "")
                           + "; queue one with `aiva task add -- CMD ARGS...`", highlight=False)
         return
+    named = any(t.name for t in tasks)  # a NAME column only when some task has one
     rows = [(t.id, t.priority.value, _state(t), f"{t.attempts}/{t.max_attempts}",
              f"{t.cost:.4g}", t.created_at.strftime("%m-%d %H:%M"),
-             escape(t.name or " ".join(t.command)), escape(t.sandbox or "-")) for t in tasks]
+             *((escape(t.name or "-"),) if named else ()),
+             escape(shlex.join(t.command)), escape(t.sandbox or "-")) for t in tasks]
     table = Table(box=None, header_style="bold")
-    heads = ("ID", "PRIORITY", "STATE", "TRIES", "COST", "CREATED", "COMMAND", "SANDBOX")
+    heads = ("ID", "PRIORITY", "STATE", "TRIES", "COST", "CREATED", *(("NAME",) if named
+             else ()), "COMMAND", "SANDBOX")
     for i, col in enumerate(heads):
-        if col in ("COMMAND", "SANDBOX"):  # these give way on a narrow screen
+        if col in ("NAME", "COMMAND", "SANDBOX"):  # these give way on a narrow screen
             table.add_column(col, no_wrap=True, overflow="ellipsis", min_width=7)
         else:
             width = max(len(col), *(len(Text.from_markup(r[i]).plain) for r in rows))

@@ -38,7 +38,7 @@ def key_of(task: Task, by: str, default: str = "python") -> str:
 
 def summarize(key: str, tasks: list[Task]) -> dict[str, Any]:
     ok = [t for t in tasks if t.state == TaskState.succeeded]
-    durations = [d for t in tasks if (d := t.duration) is not None]
+    durations = [d for t in tasks if (d := t.run_seconds) is not None]  # without L2 waits
     cost = sum(t.cost for t in tasks)
     p50, p95 = percentile(durations, 50), percentile(durations, 95)
     return {

@@ -85,8 +85,10 @@ class Task(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    held_at: datetime | None = None  # when it began to wait for a person (L2)
+    held_seconds: float = Field(default=0.0, ge=0)  # time spent waiting for a person
 
-    @field_validator("created_at", "started_at", "finished_at")
+    @field_validator("created_at", "started_at", "finished_at", "held_at")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
         """Times are kept in UTC (a time without a zone is taken as UTC)."""
@@ -112,6 +114,13 @@ class Task(BaseModel):
         if self.started_at is None or self.finished_at is None:
             return None
         return max(0.0, (self.finished_at - self.started_at).total_seconds())
+
+    @property
+    def run_seconds(self) -> float | None:
+        """The duration less the time it waited for a person: what the task itself took
+        (an evaluator's p95 must not count how long an approval took)."""
+        d = self.duration
+        return None if d is None else max(0.0, d - self.held_seconds)
 
 
 class TaskNotFound(AivaError, LookupError):

@@ -122,6 +122,12 @@ def _finish(store: TaskStore, task: Task, state: TaskState, **fields: Any) -> Ta
     def move(t: Task) -> None:
         if t.state in FINISHED:
             return  # cancelled under us: that word stands
+        now = utcnow()
+        if t.state == TaskState.awaiting_approval and t.held_at is not None:
+            t.held_seconds += max(0.0, (now - t.held_at).total_seconds())
+            t.held_at = None
+        if state == TaskState.awaiting_approval:
+            t.held_at = now
         t.state = state
         for key, value in fields.items():
             setattr(t, key, value)
