@@ -278,9 +278,13 @@ def build_image(
 
 
 def list_images(client: docker.DockerClient) -> list[ImageInfo]:
-    """Every image aiva built, one row per tag (untagged leftovers show as '<none>')."""
+    """Every image aiva built, one row per tag (untagged leftovers show as '<none>').
+    Template and derived images are shared by every AIVA_HOME; a snapshot's image belongs
+    to the home of its sandbox, so another home's are not listed."""
+    home = str(aiva_home())
     with _docker("cannot list images"):
         images = client.images.list(filters={"label": f"{MANAGED}=true"})
+    images = [img for img in images if (img.labels or {}).get("aiva.home", home) == home]
     rows = [ImageInfo.from_image(img, tag) for img in images for tag in img.tags or ["<none>"]]
     return sorted(rows, key=lambda r: (r.tag, r.id))
 

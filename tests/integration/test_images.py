@@ -10,6 +10,7 @@ import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -244,3 +245,16 @@ def test_failing_mmdebstrap_leaves_no_tarball(
 )
 def test_mirror_from_sources(text: str, expected: str | None) -> None:
     assert images._mirror_in(text) == expected
+
+
+def test_image_ls_lists_this_homes_snapshot_images_only(make_sandbox: Any, docker_ok: Any,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    sb = make_sandbox()
+    sb.snapshot("s1")
+    snap = f"aiva-snapshot/{sb.name}-{sb.id[:8]}:s1"
+    tags = {i.tag for i in list_images(docker_ok)}
+    assert snap in tags and "aiva/python:latest" in tags
+    monkeypatch.setenv("AIVA_HOME", str(tmp_path / "other-home"))
+    tags = {i.tag for i in list_images(docker_ok)}
+    assert snap not in tags and "aiva/python:latest" in tags  # templates are shared

@@ -110,17 +110,25 @@ def metrics_now(m: SandboxMetrics, fmt: Fmt) -> None:
 
 
 def metrics_history(rows: list[dict[str, Any]], fmt: Fmt) -> None:
+    """One line per sample, fitting 80 columns: the date once (in the title) when all the
+    samples are of one day, pairs (used/total, read/write, in/out) in one column each."""
     if fmt != Fmt.table:
         _dump(rows, fmt)
         return
-    table = Table(box=None, header_style="bold")
-    for col in ("TIME (UTC)", "CPU %", "MEM USED", "MEM TOTAL", "DISK READ", "DISK WRITE",
-                "NET IN", "NET OUT", "UPTIME"):
-        table.add_column(col, justify="left" if col.startswith("TIME") else "right")
+    days = {_stamp(r["ts"])[:10] for r in rows}
+    one_day = len(days) == 1
+    table = Table(box=None, header_style="bold", pad_edge=False,
+                  title=f"{days.pop()} (UTC)" if one_day else None, title_justify="left")
+    for col in ("TIME" if one_day else "TIME (UTC)", "CPU %", "MEMORY", "DISK R/W",
+                "NET IN/OUT", "UPTIME"):
+        table.add_column(col, justify="left" if col.startswith("TIME") else "right",
+                         no_wrap=True)
     for r in rows:
-        table.add_row(_stamp(r["ts"]), f"{r['cpu_percent']:.1f}", size(r["mem_used"]),
-                      size(r["mem_total"]), size(r["disk_read"]), size(r["disk_write"]),
-                      size(r["net_rx"]), size(r["net_tx"]), f"{r['uptime']:.0f} s")
+        stamp = _stamp(r["ts"])
+        table.add_row(stamp[11:] if one_day else stamp, f"{r['cpu_percent']:.1f}",
+                      f"{size(r['mem_used'])}/{size(r['mem_total'])}",
+                      f"{size(r['disk_read'])}/{size(r['disk_write'])}",
+                      f"{size(r['net_rx'])}/{size(r['net_tx'])}", duration(r["uptime"]))
     console.print(table)
 
 
