@@ -217,3 +217,23 @@ def test_drain_destroys_idle_ones_and_stops_warming(engine: Any, make_pool: Any)
     assert pool.maintain(T)[T]["created"] == []  # inactive: not topped up
     pool.release(lease, reset=False)
     assert _status(pool)["sandboxes"] == []
+
+
+def test_daemon_stop_drains_the_idle_pool_unless_kept(engine: Any, make_pool: Any) -> None:
+    """Only the daemon shrinks the pool: stopping it must not leave idle sandboxes
+    running that nobody owns (`--keep-pool` keeps them, and says how to drain)."""
+    import subprocess
+    import sys
+
+    pool = make_pool(min_warm=1, max=1)
+    pool.warm(T)
+    names = _status(pool)["sandboxes"]
+    assert len(names) == 1
+    cli = [sys.executable, "-m", "aiva.cli.main", "daemon", "stop"]
+    r = subprocess.run([*cli, "--keep-pool"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"`aiva pool drain {T}`" in r.stderr and engine.exists(names[0])
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"drained the warm pool of {T}: 1 idle sandbox removed" in r.stderr
+    assert not engine.exists(names[0])

@@ -45,11 +45,41 @@ def start(
 
 
 @daemon_app.command("stop")
-def stop() -> None:
-    """Stop the daemon (SIGTERM, then SIGKILL); sandboxes keep running."""
+def stop(
+    keep_pool: Annotated[bool, typer.Option(
+        "--keep-pool", help="leave the warm pool's idle sandboxes running (nothing shrinks "
+                            "them without the daemon)")] = False,
+) -> None:
+    """Stop the daemon (SIGTERM, then SIGKILL). The warm pool's idle sandboxes, which
+    only the daemon's tasks use, are drained unless --keep-pool; your own sandboxes, and
+    pool sandboxes that are busy or kept for you, keep running."""
     from aiva.daemon import server
 
     output.ok("aiva daemon stopped" if server.stop() else "no aiva daemon was running")
+    _pool_after_stop(drain=not keep_pool)
+
+
+def _pool_after_stop(*, drain: bool) -> None:
+    """Drain the idle warm sandboxes (or say what is left and how to drain it)."""
+    from aiva.cli.pool_cmd import _pool
+
+    with _pool() as pool:
+        rows = [r for r in pool.status() if r["warm"] or r["busy"]]
+        for r in rows:
+            t = r["template"]
+            if drain and r["warm"]:
+                gone = pool.drain(t)
+                output.ok(f"drained the warm pool of {t}: {len(gone)} idle sandbox"
+                          f"{'es' if len(gone) != 1 else ''} removed")
+            elif r["warm"]:
+                output.err_console.print(
+                    f"the warm pool of {t} keeps {r['warm']} idle sandboxes running and "
+                    f"nothing shrinks it now; `aiva pool drain {t}` removes them",
+                    highlight=False)
+            if r["busy"]:
+                output.err_console.print(
+                    f"{r['busy']} {t} pool sandboxes are busy or held for a task; they stay "
+                    "(`aiva pool status`)", highlight=False)
 
 
 @daemon_app.command("status")
