@@ -94,6 +94,11 @@ def _template_of(ref: str) -> str | None:
     return m.group(1) if m and m.group(1) in TEMPLATES else None
 
 
+def check_template(template: str) -> None:
+    """ImageNotFound (with the names there are) unless ``template`` is one."""
+    _packages(template)
+
+
 def _packages(template: str) -> list[str]:
     try:
         return sorted(TEMPLATES[template])

@@ -194,10 +194,13 @@ def test_snapshot_commands(python_image: str, names: list[str]) -> None:
 
 @pytest.mark.vm
 def test_image_build_makes_vm_files_from_the_same_rootfs(python_image: str) -> None:
-    r = aiva("image", "build", "minimal", timeout=900)
+    r = aiva("image", "build", "minimal", "--vm", timeout=900)
     assert r.returncode == 0, r.stderr
     assert "image aiva/minimal:latest is ready" in r.stderr
     assert "VM files for minimal are ready" in r.stderr
+    assert "… minimal VM: " in r.stderr  # its steps, as lines when not on a terminal
+    r = aiva("image", "build", "minimal", timeout=900)  # a Docker user gets no VM files
+    assert r.returncode == 0 and "VM files" not in r.stderr, r.stderr
     r = aiva("image", "build", "nonesuch", "--no-container")
     assert_clean_error(r, 1, "nonesuch")
 

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiva import paths
+from aiva import paths, progress
 from aiva.agent_client import AgentClient, connect_unix
 from aiva.backends.base import Observed
 from aiva.backends.supervised import (
@@ -96,7 +96,7 @@ class FirecrackerBackend(SupervisedVM):
                 "Firecracker VMs cannot mount host directories: Firecracker has no "
                 "virtio-fs (nor 9p)", hint="use --backend qemu or docker for --mount")
         self.check()
-        art = artifacts.ensure_vm_artifacts(template_of(sb))
+        art = artifacts.ensure_vm_artifacts(template_of(sb), progress=progress.say)
         d = vm_dir(sb)
         d.mkdir(parents=True, exist_ok=True)
         if not (d / DATA).exists():

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiva import egress, paths
+from aiva import egress, paths, progress
 from aiva.agent_client import AgentClient, connect_unix
 from aiva.backends.base import Observed
 from aiva.backends.supervised import (
@@ -94,7 +94,7 @@ class QemuBackend(SupervisedVM):
             network.check_host()
             egress.check_host()
             pinned = egress.pin(sb.spec.network)
-        art = artifacts.ensure_vm_artifacts(template_of(sb))
+        art = artifacts.ensure_vm_artifacts(template_of(sb), progress=progress.say)
         d = vm_dir(sb)
         d.mkdir(parents=True, exist_ok=True)
         data = d / "data.qcow2"
@@ -139,6 +139,7 @@ class QemuBackend(SupervisedVM):
         (d / "supervisor.pid").write_text(str(sup.pid))
         marker = str(d)
         started = time.monotonic()
+        progress.say(f"booting the VM ({accel}{', slow: no KVM here' if accel == 'tcg' else ''})")
         try:
             client = AgentClient(connect_unix(
                 str(run / SOCKET_NAME), timeout=BOOT_TIMEOUT,

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from aiva import progress
 from aiva.cli import output
 from aiva.cli.daemon_cmd import daemon_app
 from aiva.cli.dashboard_cmd import dashboard
@@ -182,7 +183,8 @@ def start(
                      ports=port, profile=profile, env=env, label=label, backend=backend,
                      network=network, timeout=timeout, idle_timeout=idle_timeout,
                      on_timeout=on_timeout, restart=restart, mounts=mount)
-        with output.status(f"starting {name} ..."):
+        with output.status(f"starting {name} ...") as st, \
+                progress.reporting(lambda msg: st.update(f"starting {name}: {msg}")):
             sb = engine.create(name, spec)
     ports = ", ".join(sb.runtime.get("ports") or [])
     output.ok(f"{sb.name} is running" + (f" (ports {ports})" if ports else ""))
@@ -518,7 +520,8 @@ def image_build(
     container: Annotated[bool, typer.Option(
         "--container/--no-container", help="the Docker image")] = True,
     vm: Annotated[bool, typer.Option(
-        "--vm/--no-vm", help="the microVM files: kernel, initramfs, system image")] = True,
+        "--vm/--no-vm", help="also the microVM files: kernel, initramfs, system image "
+        "(otherwise built the first time a VM of the template starts)")] = False,
 ) -> None:
     """Build a template from Debian packages, for containers and for microVMs alike.
 
@@ -528,6 +531,10 @@ def image_build(
     from aiva import images
     from aiva.errors import BackendUnavailable
 
+    images.check_template(template)  # an unknown one is an error before anything runs
+    if not container and not vm:
+        raise InvalidValue("nothing to build: --no-container without --vm",
+                           hint=f"aiva image build {template} [--vm]")
     if container:
         try:
             client = _engine().backend("docker").client

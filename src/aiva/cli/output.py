@@ -197,9 +197,35 @@ def log_line(line: LogLine) -> None:
 
 
 @contextmanager
-def status(text: str) -> Iterator[Status]:
+def status(text: str) -> Iterator[Status | LineStatus]:
+    """A spinner on a terminal; elsewhere (a pipe, a CI log) each step as a line, so long
+    work is never silent there either."""
+    if not err_console.is_terminal:
+        yield LineStatus(err_console)
+        return
     with err_console.status(text) as st:
         yield st
+
+
+class LineStatus:
+    """``Status.update`` for a console that is not a terminal: one line per step, at most
+    two a second (a chatty step, such as mmdebstrap's output, is thinned out)."""
+
+    MIN_GAP = 0.5
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.last = 0.0
+        self.shown = ""
+
+    def update(self, text: str) -> None:
+        import time
+
+        now = time.monotonic()
+        if text == self.shown or now - self.last < self.MIN_GAP:
+            return
+        self.last, self.shown = now, text
+        self.console.print(f"… {escape(text)}", highlight=False, soft_wrap=True)
 
 
 @contextmanager
