@@ -142,7 +142,7 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
 
 
-def _close_source(chunks: Iterable[bytes]) -> None:
+def close_stream(chunks: object) -> None:
     """Stop a stream we no longer want (closing the agent iterator cancels its channel)."""
     close = getattr(chunks, "close", None)
     if callable(close):
@@ -290,7 +290,7 @@ class DestDir:
                     if on_chunk is not None:
                         on_chunk(len(chunk))
             finally:
-                _close_source(chunks)
+                close_stream(chunks)
             if n != size:
                 raise ProtocolError(
                     f"the sandbox sent {n} of the {size} bytes it declared for {rel}",

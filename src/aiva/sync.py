@@ -29,8 +29,16 @@ from typing import Any, Literal, NamedTuple
 import pathspec
 
 from aiva.agent_client import AgentClient
-from aiva.errors import AivaError, ProtocolError, SandboxFileNotFound, SyncError
-from aiva.safe_files import DestDir, check_relpath, file_meta, read_chunks
+from aiva.errors import AivaError, InvalidValue, ProtocolError, SandboxFileNotFound, SyncError
+from aiva.safe_files import (
+    DestDir,
+    Written,
+    check_name,
+    check_relpath,
+    close_stream,
+    file_meta,
+    read_chunks,
+)
 
 Direction = Literal["both", "push", "pull"]
 Prefer = Literal["local", "remote", "newer"]
@@ -322,23 +330,14 @@ class _Syncer:
     def _pull(self, rel: str) -> dict[str, Any] | None:
         """Exactly the declared bytes, into a temp file beside the target, then renamed:
         never half a file, never outside the root, never through a link."""
-        path = posixpath.join(self.remote, rel)
         try:
-            raw, chunks = self.client.read_stream(path)
+            got = receive(self.client, posixpath.join(self.remote, rel), self.local, rel,
+                          on_chunk=lambda n: self._tick("pull", n))
         except SandboxFileNotFound:
             return None
-        try:
-            meta = file_meta(raw, path=path)
-            self.local.check_space(meta.size, rel_dir=_existing_parent(self.local, rel),
-                                   what=rel)
-        except BaseException:
-            _close(chunks)
-            raise
-        done = self.local.write_file(rel, chunks, size=meta.size, mode=meta.mode,
-                                     mtime_ns=meta.mtime_ns,
-                                     on_chunk=lambda n: self._tick("pull", n))
+        done, remote_ns = got
         self.report.bytes_received += done.size
-        return _entry(done.size, done.mtime_ns, meta.mtime_ns, done.sha256)
+        return _entry(done.size, done.mtime_ns, remote_ns, done.sha256)
 
     def _delete_local(self, rel: str) -> dict[str, Any]:
         self.local.remove_file(rel)  # relative to the root's descriptor, links never followed
@@ -357,6 +356,40 @@ class _Syncer:
         return {}
 
 
+def receive(client: AgentClient, path: str, dest: DestDir, rel: str, *,
+            on_chunk: Callable[[int], Any] | None = None) -> tuple[Written, int]:
+    """Read the sandbox's ``path`` into ``rel`` under ``dest``: the header checked, the
+    size checked against free space first, then exactly that many bytes, mode masked.
+    Returns what was written and the remote mtime."""
+    raw, chunks = client.read_stream(path)
+    try:
+        meta = file_meta(raw, path=path)
+        dest.check_space(meta.size, rel_dir=_existing_parent(dest, rel), what=rel)
+    except BaseException:
+        close_stream(chunks)
+        raise
+    done = dest.write_file(rel, chunks, size=meta.size, mode=meta.mode,
+                           mtime_ns=meta.mtime_ns, on_chunk=on_chunk)
+    return done, meta.mtime_ns
+
+
+def pull_file(client: AgentClient, path: str, local: Path | str) -> Written:
+    """One file out of the sandbox (``aiva cp NAME:FILE LOCAL``): into ``local`` if it is
+    a directory (named by the remote base name), else as ``local``."""
+    dest = Path(local)
+    if dest.is_dir():
+        parent, name = dest, posixpath.basename(path.rstrip("/"))
+    else:
+        parent, name = dest.parent, dest.name
+    try:
+        check_name(name)
+    except AivaError:
+        raise InvalidValue(f"cannot name a local file after {path!r}",
+                           hint="give the local file name: aiva cp NAME:PATH ./FILE") from None
+    with DestDir(parent) as out:
+        return receive(client, path, out, name)[0]
+
+
 def _existing_parent(dest: DestDir, rel: str) -> str:
     """The deepest existing directory on the way to ``rel`` (for its free space)."""
     parent = posixpath.dirname(rel)
@@ -369,13 +402,6 @@ def _existing_parent(dest: DestDir, rel: str) -> str:
             return parent
         parent = posixpath.dirname(parent)
     return ""
-
-
-def _close(chunks: object) -> None:
-    close = getattr(chunks, "close", None)
-    if callable(close):
-        with contextlib.suppress(Exception):
-            close()
 
 
 def _entry(size: int, local_ns: int, remote_ns: int, sha: str | None) -> dict[str, Any]:
