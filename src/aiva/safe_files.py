@@ -54,8 +54,8 @@ def check_relpath(rel: object, *, what: str = "path") -> str:
     """
     if not isinstance(rel, str):
         raise ProtocolError(f"bad {what} from the sandbox: {rel!r} is not a string")
-    try:
-        size = len(rel.encode("utf-8"))
+    try:  # surrogateescape: a name of raw non-UTF-8 bytes is a valid POSIX name
+        size = len(rel.encode("utf-8", "surrogateescape"))
     except UnicodeEncodeError:
         raise ProtocolError(f"bad {what} from the sandbox: {rel!r} is not valid UTF-8") \
             from None
@@ -74,7 +74,7 @@ def check_relpath(rel: object, *, what: str = "path") -> str:
         if name in ("", ".", ".."):
             part = f"a {name!r}" if name else "an empty"
             raise ProtocolError(f"bad {what} from the sandbox: {rel!r} has {part} component")
-        if len(name.encode("utf-8")) > MAX_NAME:
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME:
             raise ProtocolError(f"bad {what} from the sandbox: a name in {rel[:80]!r} is "
                                 f"longer than {MAX_NAME} bytes")
     return rel

@@ -47,6 +47,7 @@ State = dict[str, dict[str, Any]]
 CHUNK = 1 << 20
 HASH_BATCH = 5000  # paths per fs.hash request: keeps the request frame small
 STATE_VERSION = 1
+GITIGNORE_MAX = 4 << 20
 _ENTRY_INTS = ("size", "local_mtime_ns", "remote_mtime_ns")
 
 
@@ -112,15 +113,25 @@ class _Filter:
             self.spec.match_file(rel)
 
 
-def _make_filter(root: Path, exclude: Iterable[str], state_file: Path | None) -> _Filter:
-    gitignore = root / ".gitignore"
-    lines = gitignore.read_text(errors="replace").splitlines() if gitignore.is_file() else []
+def _make_filter(root: Path, dest: DestDir | None, exclude: Iterable[str],
+                 state_file: Path | None) -> _Filter:
+    lines = _read_gitignore(dest) if dest is not None else []
     lines += exclude  # last, so a "!pattern" in .gitignore cannot undo an explicit exclude
     skip: set[str] = set()
     if state_file is not None:
         with contextlib.suppress(ValueError):  # ValueError: it lives outside the tree
             skip.add(state_file.resolve().relative_to(root.resolve()).as_posix())
     return _Filter(lines, skip)
+
+
+def _read_gitignore(dest: DestDir) -> list[str]:
+    """The root's .gitignore: a regular file (a link is not followed, a FIFO not waited
+    on), at most GITIGNORE_MAX bytes read."""
+    fd = dest.open_file(".gitignore")
+    if fd is None:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        return f.read(GITIGNORE_MAX).decode(errors="replace").splitlines()
 
 
 def _scan_local(dest: DestDir, flt: _Filter) -> dict[str, Stat]:
@@ -454,10 +465,10 @@ def sync(client: AgentClient, local: Path | str, remote: str, *,
     if direction == "push" and not root.is_dir():
         raise SyncError(f"nothing to push: local directory {root} does not exist",
                         hint="check the path, or pull into it first")
-    flt = _make_filter(root, exclude, state_file)
     base = _load_state(state_file, root, remote)
     with contextlib.ExitStack() as stack:
         dest = stack.enter_context(DestDir(root)) if root.is_dir() else None
+        flt = _make_filter(root, dest, exclude, state_file)
         local_files = _scan_local(dest, flt) if dest is not None else None
         remote_files = _scan_remote(client, remote, flt)
         if remote_files is None and direction == "pull":

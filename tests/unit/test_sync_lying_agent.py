@@ -19,7 +19,7 @@ import aiva
 import aiva.agent
 from aiva.agent_client import AgentClient, ProcessTransport
 from aiva.errors import AivaError, HostFileError, ProtocolError, SyncError
-from aiva.sync import pull, pull_file, sync
+from aiva.sync import pull, pull_file, push, sync
 
 LIAR = Path(__file__).with_name("lying_agent.py")
 ROOT = "/r"
@@ -289,3 +289,28 @@ def test_push_never_reads_through_a_local_link(real_agent: AgentClient,
     assert sorted(report.pushed) == ["ok.txt", "suid"]
     assert sorted(os.listdir(remote)) == ["ok.txt", "suid"]
     assert stat.S_IMODE((remote / "suid").stat().st_mode) == 0o755
+
+
+def test_a_gitignore_fifo_or_link_is_not_followed_or_waited_on(real_agent: AgentClient,
+                                                               tmp_path: Path) -> None:
+    local, remote, other = tmp_path / "local", tmp_path / "remote", tmp_path / "other"
+    for d in (local, remote, other):
+        d.mkdir()
+    (other / "ignore-all").write_text("*\n")
+    (local / "f.txt").write_text("f")
+    (local / ".gitignore").symlink_to(other / "ignore-all")
+    assert push(real_agent, local, str(remote)).pushed == ["f.txt"]
+    (local / ".gitignore").unlink()
+    os.mkfifo(local / ".gitignore")
+    (local / "g.txt").write_text("g")
+    assert push(real_agent, local, str(remote)).pushed == ["g.txt"]
+
+
+def test_a_local_name_of_raw_bytes_still_syncs(real_agent: AgentClient,
+                                               tmp_path: Path) -> None:
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    remote.mkdir()
+    (local / os.fsdecode(b"caf\xe9")).write_text("x")
+    assert push(real_agent, local, str(remote)).pushed == [os.fsdecode(b"caf\xe9")]
+    assert os.listdir(os.fsencode(remote)) == [b"caf\xe9"]
