@@ -177,10 +177,18 @@ def _load_state(path: Path | None, local: Path, remote: str) -> State:
         if data.get("local") != str(local) or data.get("remote") != remote:
             return {}
         files = data["files"]
-        return {rel: e for rel, e in files.items() if isinstance(e, dict)
+        return {rel: e for rel, e in files.items() if isinstance(e, dict) and _plain(rel)
                 and all(isinstance(e.get(k), int) for k in _ENTRY_INTS)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
+
+
+def _plain(rel: str) -> bool:
+    try:
+        check_relpath(rel)
+    except ProtocolError:
+        return False
+    return True
 
 
 def _save_state(path: Path, local: Path, remote: str, files: State) -> None:

@@ -314,3 +314,18 @@ def test_a_local_name_of_raw_bytes_still_syncs(real_agent: AgentClient,
     (local / os.fsdecode(b"caf\xe9")).write_text("x")
     assert push(real_agent, local, str(remote)).pushed == [os.fsdecode(b"caf\xe9")]
     assert os.listdir(os.fsencode(remote)) == [b"caf\xe9"]
+
+
+def test_a_state_file_with_bad_names_is_ignored_not_followed(real_agent: AgentClient,
+                                                             tmp_path: Path) -> None:
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    remote.mkdir()
+    (remote / "f").write_text("f")
+    state = tmp_path / "state.json"
+    entry = {"size": 1, "local_mtime_ns": 0, "remote_mtime_ns": 0}
+    state.write_text(json.dumps({"version": 1, "local": str(local), "remote": str(remote),
+                                 "files": {"/etc/x": entry, "../y": entry, "f": entry}}))
+    assert sync(real_agent, local, str(remote), state_file=state).pulled == ["f"]
+    assert sorted(json.loads(state.read_text())["files"]) == ["f"]
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
