@@ -17,7 +17,10 @@ regular file (a directory, a symlink, a FIFO, a device, a socket) is refused wit
 error: those are the user's, or planted, and aiva neither follows nor removes them.
 
 The root itself is the caller's (a path the user named), so links in *its* path are
-followed once, when it is opened; nothing below it is.
+followed once, when it is opened; nothing below it is. Directory descriptors are kept
+(a few dozen) between files: a directory renamed away and replaced by a link meanwhile
+keeps receiving files where it now is, which is no more than a swap during one write
+allows; the link is never followed.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import hashlib
 import os
 import secrets
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,8 @@ from aiva.errors import HostFileError, ProtocolError
 MAX_PATH = 4096
 MAX_NAME = 255
 MAX_DEPTH = 256
+#: Directory descriptors a DestDir keeps open between files.
+DIR_CACHE = 32
 _MAX_NS = (1 << 63) - 1
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -161,6 +167,8 @@ class DestDir:
         self.root = Path(root)
         self.label = label or str(root)
         self.mask = umask()
+        # directories opened so far, rel -> fd: a sync writes many files per directory
+        self._dirs: OrderedDict[str, int] = OrderedDict()
         try:
             self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -168,6 +176,7 @@ class DestDir:
                                 hint="check that it exists and is a directory") from exc
 
     def close(self) -> None:
+        self._forget("")
         if self.fd >= 0:
             _close_quietly(self.fd)
             self.fd = -1
@@ -206,46 +215,65 @@ class DestDir:
                 continue
         raise self._refuse(rel, f"{rel} keeps changing under us")
 
+    def _dir(self, rel_dir: str, create: bool) -> int | None:
+        """A borrowed descriptor for ``rel_dir`` (valid until the next call): from the
+        cache, else opened one component at a time from the nearest cached ancestor."""
+        if not rel_dir:
+            return self.fd
+        fd = self._dirs.get(rel_dir)
+        if fd is not None:
+            self._dirs.move_to_end(rel_dir)
+            return fd
+        names = check_relpath(rel_dir).split("/")
+        start, fd = 0, self.fd
+        for i in range(len(names) - 1, 0, -1):
+            cached = self._dirs.get("/".join(names[:i]))
+            if cached is not None:
+                start, fd = i, cached
+                break
+        owned = -1
+        try:
+            for i in range(start, len(names)):
+                child = self._open_child_dir(fd, names[i], "/".join(names[:i + 1]), create)
+                if owned >= 0:
+                    os.close(owned)
+                    owned = -1
+                if child is None:
+                    return None
+                fd = owned = child
+        except BaseException:
+            if owned >= 0:
+                _close_quietly(owned)
+            raise
+        self._dirs[rel_dir] = fd
+        while len(self._dirs) > DIR_CACHE:
+            _close_quietly(self._dirs.popitem(last=False)[1])
+        return fd
+
+    def _forget(self, rel_dir: str) -> None:
+        """Drop cached descriptors of ``rel_dir`` and below ('' is everything)."""
+        for key in [k for k in self._dirs
+                    if not rel_dir or k == rel_dir or k.startswith(rel_dir + "/")]:
+            _close_quietly(self._dirs.pop(key))
+
     def open_dir(self, rel_dir: str, *, create: bool = False) -> int | None:
         """A new descriptor for ``rel_dir`` ('' is the root), each component opened with
         O_NOFOLLOW, missing ones made when ``create``; None when one is missing."""
-        fd = os.dup(self.fd)
-        if not rel_dir:
-            return fd
-        done: list[str] = []
-        try:
-            for name in check_relpath(rel_dir).split("/"):
-                done.append(name)
-                child = self._open_child_dir(fd, name, "/".join(done), create)
-                os.close(fd)
-                fd = -1
-                if child is None:
-                    return None
-                fd = child
-            return fd
-        except BaseException:
-            if fd >= 0:
-                _close_quietly(fd)
-            raise
+        fd = self._dir(rel_dir, create)
+        return None if fd is None else os.dup(fd)
 
     def _split(self, rel: str) -> tuple[str, str]:
         parent, _, name = check_relpath(rel).rpartition("/")
         return parent, name
 
-    def free_bytes(self, rel_dir: str = "") -> int:
-        """Space an unprivileged writer could still use in ``rel_dir``'s filesystem."""
-        fd = self.open_dir(rel_dir) if rel_dir else os.dup(self.fd)
-        if fd is None:
-            fd = os.dup(self.fd)
-        try:
-            st = os.fstatvfs(fd)
-        finally:
-            os.close(fd)
+    def free_bytes(self) -> int:
+        """Space an unprivileged writer could still use on the root's filesystem."""
+        st = os.fstatvfs(self.fd)
         return st.f_bavail * st.f_frsize
 
-    def check_space(self, needed: int, *, rel_dir: str = "", what: str = "") -> None:
+    def check_space(self, needed: int, *, what: str = "") -> None:
         """Refuse up front what cannot fit, so a huge (or sparse) file never fills the disk."""
-        free = self.free_bytes(rel_dir)
+        free = self.free_bytes()
         if needed > free:
             raise HostFileError(
                 f"not enough space in {self.root} for {what or 'the files'}: "
@@ -263,12 +291,9 @@ class DestDir:
         the target is replaced only if it is a regular file (or absent).
         """
         parent_rel, name = self._split(rel)
-        pfd = self.open_dir(parent_rel, create=True)
+        pfd = self._dir(parent_rel, True)
         assert pfd is not None
-        try:
-            return self._write_in(pfd, rel, name, chunks, size, mode, mtime_ns, on_chunk)
-        finally:
-            os.close(pfd)
+        return self._write_in(pfd, rel, name, chunks, size, mode, mtime_ns, on_chunk)
 
     def _write_in(self, pfd: int, rel: str, name: str, chunks: Iterable[bytes], size: int,
                   mode: int, mtime_ns: int | None,
@@ -326,7 +351,7 @@ class DestDir:
         is not a regular file (a link is never followed, a FIFO never blocks)."""
         parent_rel, name = self._split(rel)
         try:
-            pfd = self.open_dir(parent_rel)
+            pfd = self._dir(parent_rel, False)
         except HostFileError:
             return None
         if pfd is None:
@@ -337,8 +362,6 @@ class DestDir:
             if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
                 return None
             raise
-        finally:
-            os.close(pfd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             return None
@@ -350,22 +373,19 @@ class DestDir:
         the directories that leaves empty; False when there was no such file."""
         parent_rel, name = self._split(rel)
         try:
-            pfd = self.open_dir(parent_rel)
+            pfd = self._dir(parent_rel, False)
         except HostFileError:
             return False
         if pfd is None:
             return False
         try:
-            try:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            except FileNotFoundError:
-                return False
-            if not stat.S_ISREG(st.st_mode):
-                return False  # not what the scan saw: someone else's, leave it
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=pfd)  # unlink removes an entry, never follows
-        finally:
-            os.close(pfd)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False  # not what the scan saw: someone else's, leave it
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=pfd)  # unlink removes an entry, never follows
         self._prune(parent_rel)
         return True
 
@@ -374,7 +394,7 @@ class DestDir:
         while rel_dir:
             parent, _, name = rel_dir.rpartition("/")
             try:
-                pfd = self.open_dir(parent)
+                pfd = self._dir(parent, False)
             except HostFileError:
                 return
             if pfd is None:
@@ -383,8 +403,7 @@ class DestDir:
                 os.rmdir(name, dir_fd=pfd)  # rmdir of a link fails (ENOTDIR): not followed
             except OSError:
                 return
-            finally:
-                os.close(pfd)
+            self._forget(rel_dir)
             rel_dir = parent
 
     def walk_files(self, skip_dir: Callable[[str], bool], skip_file: Callable[[str], bool]
@@ -404,14 +423,15 @@ class DestDir:
                                     "directories deep")
             subdirs: list[str] = []
             with os.scandir(fd) as it:
-                for entry in it:
+                for entry in it:  # the types come from the listing: no stat per entry
                     rel = prefix + entry.name
-                    st = entry.stat(follow_symlinks=False)
-                    if stat.S_ISDIR(st.st_mode):
+                    if entry.is_dir(follow_symlinks=False):
                         if not skip_dir(rel):
                             subdirs.append(entry.name)
-                    elif stat.S_ISREG(st.st_mode) and not skip_file(rel):
-                        files[rel] = st
+                    elif entry.is_file(follow_symlinks=False) and not skip_file(rel):
+                        st = entry.stat(follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode):  # not swapped since the listing
+                            files[rel] = st
             for name in subdirs:
                 try:
                     child = os.open(name, _DIR_FLAGS, dir_fd=fd)

@@ -383,7 +383,7 @@ def receive(client: AgentClient, path: str, dest: DestDir, rel: str, *,
     raw, chunks = client.read_stream(path)
     try:
         meta = file_meta(raw, path=path)
-        dest.check_space(meta.size, rel_dir=_existing_parent(dest, rel), what=rel)
+        dest.check_space(meta.size, what=rel)
     except BaseException:
         close_stream(chunks)
         raise
@@ -407,20 +407,6 @@ def pull_file(client: AgentClient, path: str, local: Path | str) -> Written:
                            hint="give the local file name: aiva cp NAME:PATH ./FILE") from None
     with DestDir(parent) as out:
         return receive(client, path, out, name)[0]
-
-
-def _existing_parent(dest: DestDir, rel: str) -> str:
-    """The deepest existing directory on the way to ``rel`` (for its free space)."""
-    parent = posixpath.dirname(rel)
-    while parent:
-        fd = None
-        with contextlib.suppress(AivaError, OSError):
-            fd = dest.open_dir(parent)
-        if fd is not None:
-            os.close(fd)
-            return parent
-        parent = posixpath.dirname(parent)
-    return ""
 
 
 def _entry(size: int, local_ns: int, remote_ns: int, sha: str | None) -> dict[str, Any]:

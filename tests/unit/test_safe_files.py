@@ -192,6 +192,22 @@ def test_a_directory_swapped_for_a_link_mid_write_is_not_followed(dest: Path, ou
     assert (dest / "a.moved/f").read_bytes() == b"first second"  # where it was opened
 
 
+def test_a_directory_swapped_for_a_link_between_files_is_not_followed(
+        dest: Path, outside: Path) -> None:
+    before = snapshot(outside)
+    with DestDir(dest) as d:
+        write(d, "a/f1", b"1")
+        (dest / "a").rename(dest / "a.moved")
+        (dest / "a").symlink_to(outside)
+        write(d, "a/f2", b"2")  # lands in the directory "a" was when it was opened
+        write(d, "a/sub/f3", b"3")
+    assert snapshot(outside) == before
+    assert sorted(os.listdir(dest / "a.moved")) == ["f1", "f2", "sub"]
+    with DestDir(dest) as d, pytest.raises(HostFileError, match="symbolic link"):
+        write(d, "a/f4", b"4")  # looked up afresh: the link is refused
+    assert snapshot(outside) == before
+
+
 def test_more_bytes_than_declared_stop_at_once_and_leave_nothing(dest: Path) -> None:
     sent: list[int] = []
 
