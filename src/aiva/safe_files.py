@@ -163,9 +163,8 @@ class DestDir:
     checked with :func:`check_relpath` (a bad one is a ProtocolError).
     """
 
-    def __init__(self, root: str | Path, *, label: str | None = None) -> None:
+    def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.label = label or str(root)
         self.mask = umask()
         # directories opened so far, rel -> fd: a sync writes many files per directory
         self._dirs: OrderedDict[str, int] = OrderedDict()
