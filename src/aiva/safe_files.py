@@ -46,6 +46,8 @@ MAX_NAME = 255
 MAX_DEPTH = 256
 #: Directory descriptors a DestDir keeps open between files.
 DIR_CACHE = 32
+#: Temp files beside a target while it is written (short: any target name fits beside it).
+TEMP_PREFIX = ".aiva-"
 _MAX_NS = (1 << 63) - 1
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -298,7 +300,7 @@ class DestDir:
                   mode: int, mtime_ns: int | None,
                   on_chunk: Callable[[int], Any] | None) -> Written:
         self._check_target(pfd, rel, name)
-        tmp = f".aiva-{secrets.token_hex(8)}.tmp"
+        tmp = f"{TEMP_PREFIX}{secrets.token_hex(8)}.tmp"
         fd = os.open(tmp, _TEMP_FLAGS, 0o600, dir_fd=pfd)
         h, n = hashlib.sha256(), 0
         try:
