@@ -60,6 +60,14 @@ def test_setuid_files_come_out_without_their_bits(make_sandbox: Any, tmp_path: P
     assert r2.returncode == 0, r2.stderr
     assert (cli / "t").is_file() and powers(tmp_path) == []
 
+    (tmp_path / "victim").write_text("keep me")
+    (cli / "link").symlink_to(tmp_path / "victim")
+    r3 = subprocess.run([*AIVA, "cp", f"{sb.name}:/workspace/out/bin/t", str(cli / "link")],
+                        capture_output=True, text=True, timeout=120)
+    assert r3.returncode != 0 and "Traceback" not in r3.stderr
+    assert r3.stderr.startswith("error:") and "symbolic link" in r3.stderr
+    assert (tmp_path / "victim").read_text() == "keep me"
+
 
 def test_setuid_bits_do_not_go_in_either(make_sandbox: Any, tmp_path: Path) -> None:
     sb = make_sandbox()
