@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import os
 import shlex
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -590,29 +592,43 @@ class Engine:
         return report
 
     def copy_in(self, name: str, local: str | Path, remote: str) -> int:
-        """``aiva cp LOCAL NAME:REMOTE``: a file, or a directory copied recursively."""
+        """``aiva cp LOCAL NAME:REMOTE``: a file, or a directory copied recursively.
+
+        The user named ``local``, so a link there is followed; but only a regular file is
+        sent (a FIFO would hang), and without setuid/setgid/sticky bits."""
         src = Path(local)
         sb = self.get(name)
         remote = self._abspath(sb, remote)
         if src.is_dir():
             report = self.sync(name, src, remote, direction="push")
             return report.bytes_sent
-        if not src.exists():
-            raise InvalidValue(f"{src} does not exist")
-        client = self.agent(name)
         try:
-            if client.stat(remote)["type"] == "dir":
-                remote = f"{remote.rstrip('/')}/{src.name}"
+            fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
-            pass
-        with src.open("rb") as f:
-            n = client.write_file(remote, f, mode=src.stat().st_mode & 0o7777,
-                                  mtime_ns=src.stat().st_mtime_ns)
+            raise InvalidValue(f"{src} does not exist") from None
+        except OSError as exc:
+            raise InvalidValue(f"cannot read {src}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidValue(f"{src} is not a regular file or directory")
+            os.set_blocking(fd, True)
+            client = self.agent(name)
+            try:
+                if client.stat(remote)["type"] == "dir":
+                    remote = f"{remote.rstrip('/')}/{src.name}"
+            except FileNotFoundError:
+                pass
+            n = client.write_file(remote, f, mode=stat.S_IMODE(st.st_mode) & 0o777,
+                                  mtime_ns=st.st_mtime_ns)
         self._record("files_synced", sb, local=str(src), remote=remote, direction="push",
                      bytes=n, files=1)
         return n
 
     def copy_out(self, name: str, remote: str, local: str | Path) -> int:
+        """``aiva cp NAME:REMOTE LOCAL``: a directory is a pull; a file goes through
+        :func:`sync.pull_file` (exactly the declared size, mode masked, never through a
+        link, refused up front if it cannot fit)."""
         sb = self.get(name)
         remote = self._abspath(sb, remote)
         client = self.agent(name)
@@ -620,20 +636,10 @@ class Engine:
         if client.stat(remote)["type"] == "dir":
             report = self.sync(name, dest, remote, direction="pull")
             return report.bytes_received
-        if dest.is_dir():
-            dest = dest / Path(remote).name
-        meta, chunks = client.read_stream(remote)
-        tmp = dest.with_name(f".{dest.name}.aiva-tmp")
-        n = 0
-        with tmp.open("wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                n += len(chunk)
-        tmp.chmod(int(meta["mode"]))
-        tmp.replace(dest)
+        done = sync.pull_file(client, remote, dest)
         self._record("files_synced", sb, local=str(dest), remote=remote, direction="pull",
-                     bytes=n, files=1)
-        return n
+                     bytes=done.size, files=1)
+        return done.size
 
     @staticmethod
     def _abspath(sb: SandboxInfo, remote: str) -> str:

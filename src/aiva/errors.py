@@ -20,7 +20,9 @@
     │       └── SandboxFileExists    (also a FileExistsError)
     ├── CommandTimeout               (also a TimeoutError)
     ├── CommandFailed                non-zero exit where success was required
-    └── SyncError
+    ├── SyncError
+    └── HostFileError                a host-side file refused (a link or non-file in the
+                                     way) or impossible (no space, no such directory)
 
 Low-level exceptions (docker, sqlite, sockets) are mapped to the most specific of these at
 the boundary where they happen, with ``raise ... from exc``, so callers never need to know
@@ -144,6 +146,10 @@ class CommandFailed(AivaError):
 
 class SyncError(AivaError):
     pass
+
+
+class HostFileError(AivaError):
+    """Writing what a sandbox sent onto the host was refused or cannot be done."""
 
 
 class DesktopError(AivaError):

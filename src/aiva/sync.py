@@ -5,6 +5,10 @@ remote half in one batched agent request) breaks ties, so a touched-but-equal fi
 a hash, not a transfer. Two-way sync compares each side with the state of the last sync
 (a JSON file), which is what tells "changed here" from "changed there" and a deletion
 from a new file. Nothing is ever deleted unless ``delete=True``.
+
+The sandbox is not trusted: every name from its walk is checked before use, and all local
+reads and writes go through :class:`aiva.safe_files.DestDir` (relative to the local root's
+descriptor, never through a link, sizes capped at what the agent declared, modes masked).
 """
 
 from __future__ import annotations
@@ -25,7 +29,16 @@ from typing import Any, Literal, NamedTuple
 import pathspec
 
 from aiva.agent_client import AgentClient
-from aiva.errors import AivaError, SandboxFileNotFound, SyncError
+from aiva.errors import AivaError, InvalidValue, ProtocolError, SandboxFileNotFound, SyncError
+from aiva.safe_files import (
+    DestDir,
+    Written,
+    check_name,
+    check_relpath,
+    close_stream,
+    file_meta,
+    read_chunks,
+)
 
 Direction = Literal["both", "push", "pull"]
 Prefer = Literal["local", "remote", "newer"]
@@ -34,6 +47,7 @@ State = dict[str, dict[str, Any]]
 CHUNK = 1 << 20
 HASH_BATCH = 5000  # paths per fs.hash request: keeps the request frame small
 STATE_VERSION = 1
+GITIGNORE_MAX = 4 << 20
 _ENTRY_INTS = ("size", "local_mtime_ns", "remote_mtime_ns")
 
 
@@ -99,9 +113,9 @@ class _Filter:
             self.spec.match_file(rel)
 
 
-def _make_filter(root: Path, exclude: Iterable[str], state_file: Path | None) -> _Filter:
-    gitignore = root / ".gitignore"
-    lines = gitignore.read_text(errors="replace").splitlines() if gitignore.is_file() else []
+def _make_filter(root: Path, dest: DestDir | None, exclude: Iterable[str],
+                 state_file: Path | None) -> _Filter:
+    lines = _read_gitignore(dest) if dest is not None else []
     lines += exclude  # last, so a "!pattern" in .gitignore cannot undo an explicit exclude
     skip: set[str] = set()
     if state_file is not None:
@@ -110,29 +124,29 @@ def _make_filter(root: Path, exclude: Iterable[str], state_file: Path | None) ->
     return _Filter(lines, skip)
 
 
-def _scan_local(root: Path, flt: _Filter) -> dict[str, Stat]:
-    """Regular files under ``root`` (symlinks and special files skipped, like the agent).
+def _read_gitignore(dest: DestDir) -> list[str]:
+    """The root's .gitignore: a regular file (a link is not followed, a FIFO not waited
+    on), at most GITIGNORE_MAX bytes read."""
+    fd = dest.open_file(".gitignore")
+    if fd is None:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        return f.read(GITIGNORE_MAX).decode(errors="replace").splitlines()
+
+
+def _scan_local(dest: DestDir, flt: _Filter) -> dict[str, Stat]:
+    """Regular files under the root (symlinks and special files skipped, like the agent;
+    no directory entered through a link).
 
     An unreadable directory is an error, not a skip: skipping would read as deletions.
     """
-    files: dict[str, Stat] = {}
-    stack = [("", str(root))]
-    while stack:
-        prefix, path = stack.pop()
-        try:
-            it = os.scandir(path)
-        except OSError as exc:
-            raise SyncError(f"cannot read local directory {path}: {exc}") from exc
-        with it:
-            for entry in it:
-                rel = prefix + entry.name
-                if entry.is_dir(follow_symlinks=False):
-                    if not flt.dir_excluded(rel):
-                        stack.append((rel + "/", entry.path))
-                elif entry.is_file(follow_symlinks=False) and not flt.excluded(rel):
-                    st = entry.stat(follow_symlinks=False)
-                    files[rel] = Stat(st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
-    return files
+    try:
+        found = dest.walk_files(flt.dir_excluded, flt.excluded)
+    except OSError as exc:
+        raise SyncError(f"cannot read local directory {exc.filename or dest.root}: "
+                        f"{exc.strerror or exc}") from exc
+    return {rel: Stat(st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode))
+            for rel, st in found.items()}
 
 
 def _scan_remote(client: AgentClient, root: str, flt: _Filter) -> dict[str, Stat] | None:
@@ -141,7 +155,17 @@ def _scan_remote(client: AgentClient, root: str, flt: _Filter) -> dict[str, Stat
         files, _ = client.walk(root)
     except SandboxFileNotFound:
         return None
-    return {rel: Stat(*v) for rel, v in files.items() if not flt.excluded(rel)}
+    return {check_relpath(rel): _remote_stat(rel, v) for rel, v in files.items()
+            if not flt.excluded(check_relpath(rel))}
+
+
+def _remote_stat(rel: str, value: object) -> Stat:
+    """A walk entry ``[size, mtime_ns, mode]``: three non-negative ints, or a ProtocolError."""
+    if not isinstance(value, list | tuple) or len(value) != 3 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+            for v in value):
+        raise ProtocolError(f"bad file entry from the sandbox for {rel}: {value!r}")
+    return Stat(*value)
 
 
 def _load_state(path: Path | None, local: Path, remote: str) -> State:
@@ -153,18 +177,33 @@ def _load_state(path: Path | None, local: Path, remote: str) -> State:
         if data.get("local") != str(local) or data.get("remote") != remote:
             return {}
         files = data["files"]
-        return {rel: e for rel, e in files.items() if isinstance(e, dict)
+        return {rel: e for rel, e in files.items() if isinstance(e, dict) and _plain(rel)
                 and all(isinstance(e.get(k), int) for k in _ENTRY_INTS)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
+def _plain(rel: str) -> bool:
+    try:
+        check_relpath(rel)
+    except ProtocolError:
+        return False
+    return True
+
+
 def _save_state(path: Path, local: Path, remote: str, files: State) -> None:
+    """Written to a fresh 0600 temp file (O_EXCL: a planted name is not written through),
+    then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     body = {"version": STATE_VERSION, "local": str(local), "remote": remote, "files": files}
-    tmp.write_text(json.dumps(body, sort_keys=True))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(body, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _in_sync(loc: Stat, rem: Stat, b: dict[str, Any] | None) -> bool:
@@ -221,11 +260,17 @@ def _decide(loc: Stat | None, rem: Stat | None, b: dict[str, Any] | None, equal:
 class _Syncer:
     """Carries out a plan: keeps the report, the new state and the progress count."""
 
-    def __init__(self, client: AgentClient, local: Path, remote: str, report: SyncReport,
+    def __init__(self, client: AgentClient, local: DestDir | None, remote: str, report: SyncReport,
                  progress: Progress | None, state: State) -> None:
-        self.client, self.local, self.remote = client, local, remote
+        self.client, self._local, self.remote = client, local, remote
         self.report, self.progress, self.state = report, progress, state
         self.done = self.total = 0
+
+    @property
+    def local(self) -> DestDir:
+        """The local root (absent only in a dry run, which touches nothing)."""
+        assert self._local is not None
+        return self._local
 
     def run(self, plan: dict[str, str | None], lf: dict[str, Stat], rf: dict[str, Stat],
             equal: dict[str, str]) -> None:
@@ -257,7 +302,12 @@ class _Syncer:
                "del_remote": self._delete_remote}
         try:
             entry = ops[action](rel)
-        except (OSError, AivaError) as exc:
+        except ProtocolError as exc:  # the sandbox misbehaved: keep saying so
+            raise ProtocolError(f"sync failed at {rel} ({action}): {exc}",
+                                hint=exc.hint) from exc
+        except AivaError as exc:
+            raise SyncError(f"sync failed at {rel} ({action}): {exc}", hint=exc.hint) from exc
+        except OSError as exc:
             raise SyncError(f"sync failed at {rel} ({action}): {exc}") from exc
         if entry is None:
             return False
@@ -273,60 +323,43 @@ class _Syncer:
             self.progress(phase, self.done, self.total)
 
     def _push(self, rel: str) -> dict[str, Any] | None:
+        """Read through a descriptor opened without following links (a link or FIFO
+        swapped in since the scan counts as vanished); setuid/setgid bits stay home."""
         h = hashlib.sha256()
-        try:
-            f = (self.local / rel).open("rb")
-        except FileNotFoundError:
+        fd = self.local.open_file(rel)
+        if fd is None:
             return None
-        with f:
-            st = os.fstat(f.fileno())
+        try:
+            st = os.fstat(fd)
 
             def chunks() -> Iterator[bytes]:
-                while chunk := f.read(CHUNK):
+                for chunk in read_chunks(fd, CHUNK):
                     h.update(chunk)
                     yield chunk
                     self._tick("push", len(chunk))
 
             n = self.client.write_file(posixpath.join(self.remote, rel), chunks(),
-                                       mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns)
+                                       mode=stat.S_IMODE(st.st_mode) & 0o777,
+                                       mtime_ns=st.st_mtime_ns)
+        finally:
+            os.close(fd)
         self.report.bytes_sent += n
         return _entry(n, st.st_mtime_ns, st.st_mtime_ns, h.hexdigest())
 
     def _pull(self, rel: str) -> dict[str, Any] | None:
-        """Stream into a temp file beside the target, then rename: never half a file."""
-        dest = self.local / rel
+        """Exactly the declared bytes, into a temp file beside the target, then renamed:
+        never half a file, never outside the root, never through a link."""
         try:
-            meta, chunks = self.client.read_stream(posixpath.join(self.remote, rel))
+            got = receive(self.client, posixpath.join(self.remote, rel), self.local, rel,
+                          on_chunk=lambda n: self._tick("pull", n))
         except SandboxFileNotFound:
             return None
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".aiva")
-        h, n, mtime = hashlib.sha256(), 0, int(meta["mtime_ns"])
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    out.write(chunk)
-                    h.update(chunk)
-                    n += len(chunk)
-                    self._tick("pull", len(chunk))
-            os.chmod(tmp, int(meta["mode"]))
-            os.utime(tmp, ns=(mtime, mtime))
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self.report.bytes_received += n
-        return _entry(n, dest.stat().st_mtime_ns, mtime, h.hexdigest())
+        done, remote_ns = got
+        self.report.bytes_received += done.size
+        return _entry(done.size, done.mtime_ns, remote_ns, done.sha256)
 
     def _delete_local(self, rel: str) -> dict[str, Any]:
-        (self.local / rel).unlink(missing_ok=True)
-        parent = (self.local / rel).parent
-        while parent != self.local:  # drop the directories the deletion left empty
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-            parent = parent.parent
+        self.local.remove_file(rel)  # relative to the root's descriptor, links never followed
         return {}
 
     def _delete_remote(self, rel: str) -> dict[str, Any]:
@@ -342,11 +375,45 @@ class _Syncer:
         return {}
 
 
+def receive(client: AgentClient, path: str, dest: DestDir, rel: str, *,
+            on_chunk: Callable[[int], Any] | None = None) -> tuple[Written, int]:
+    """Read the sandbox's ``path`` into ``rel`` under ``dest``: the header checked, the
+    size checked against free space first, then exactly that many bytes, mode masked.
+    Returns what was written and the remote mtime."""
+    raw, chunks = client.read_stream(path)
+    try:
+        meta = file_meta(raw, path=path)
+        dest.check_space(meta.size, what=rel)
+    except BaseException:
+        close_stream(chunks)
+        raise
+    done = dest.write_file(rel, chunks, size=meta.size, mode=meta.mode,
+                           mtime_ns=meta.mtime_ns, on_chunk=on_chunk)
+    return done, meta.mtime_ns
+
+
+def pull_file(client: AgentClient, path: str, local: Path | str) -> Written:
+    """One file out of the sandbox (``aiva cp NAME:FILE LOCAL``): into ``local`` if it is
+    a directory (named by the remote base name), else as ``local``."""
+    dest = Path(local)
+    if dest.is_dir():
+        parent, name = dest, posixpath.basename(path.rstrip("/"))
+    else:
+        parent, name = dest.parent, dest.name
+    try:
+        check_name(name)
+    except AivaError:
+        raise InvalidValue(f"cannot name a local file after {path!r}",
+                           hint="give the local file name: aiva cp NAME:PATH ./FILE") from None
+    with DestDir(parent) as out:
+        return receive(client, path, out, name)[0]
+
+
 def _entry(size: int, local_ns: int, remote_ns: int, sha: str | None) -> dict[str, Any]:
     return {"size": size, "local_mtime_ns": local_ns, "remote_mtime_ns": remote_ns, "sha256": sha}
 
 
-def _equal_content(client: AgentClient, local: Path, remote: str, rels: list[str]
+def _equal_content(client: AgentClient, local: DestDir | None, remote: str, rels: list[str]
                    ) -> dict[str, str]:
     """Which same-size files with different mtimes hold the same bytes: relpath -> sha256."""
     equal: dict[str, str] = {}
@@ -354,11 +421,18 @@ def _equal_content(client: AgentClient, local: Path, remote: str, rels: list[str
         batch = rels[i:i + HASH_BATCH]
         remote_hashes = client.hash_files(remote, batch)
         for rel in batch:
+            fd = local.open_file(rel) if local is not None else None
+            if fd is None:
+                continue
             try:
-                with (local / rel).open("rb") as f:
-                    sha = hashlib.file_digest(f, "sha256").hexdigest()
+                h = hashlib.sha256()
+                for chunk in read_chunks(fd, CHUNK):
+                    h.update(chunk)
+                sha = h.hexdigest()
             except OSError:
                 continue
+            finally:
+                os.close(fd)
             if remote_hashes.get(rel) == sha:
                 equal[rel] = sha
     return equal
@@ -385,37 +459,55 @@ def sync(client: AgentClient, local: Path | str, remote: str, *,
     if direction == "push" and not root.is_dir():
         raise SyncError(f"nothing to push: local directory {root} does not exist",
                         hint="check the path, or pull into it first")
-    flt = _make_filter(root, exclude, state_file)
     base = _load_state(state_file, root, remote)
-    local_files = _scan_local(root, flt) if root.is_dir() else None
-    remote_files = _scan_remote(client, remote, flt)
-    if remote_files is None and direction == "pull":
-        raise SyncError(f"nothing to pull: {remote} does not exist in {client.label}")
-    if local_files is None or remote_files is None:
-        base = {}
-    lf, rf = local_files or {}, remote_files or {}
-    paths = sorted((set(lf) | set(rf) | set(base)) - {p for p in base if flt.excluded(p)})
-    candidates = [p for p in paths if p in lf and p in rf and lf[p].size == rf[p].size
-                  and not _in_sync(lf[p], rf[p], base.get(p))]
-    equal = _equal_content(client, root, remote, candidates)
-    plan = {p: _decide(lf.get(p), rf.get(p), base.get(p), p in equal, direction, delete, prefer)
-            for p in paths}
-    report = SyncReport(dry_run=dry_run)
-    state = {p: e for p, e in base.items() if p in paths}
-    if not dry_run:
+    with contextlib.ExitStack() as stack:
+        dest = stack.enter_context(DestDir(root)) if root.is_dir() else None
+        flt = _make_filter(root, dest, exclude, state_file)
+        local_files = _scan_local(dest, flt) if dest is not None else None
+        remote_files = _scan_remote(client, remote, flt)
+        if remote_files is None and direction == "pull":
+            raise SyncError(f"nothing to pull: {remote} does not exist in {client.label}")
+        if local_files is None or remote_files is None:
+            base = {}
+        lf, rf = local_files or {}, remote_files or {}
+        paths = sorted((set(lf) | set(rf) | set(base)) - {p for p in base if flt.excluded(p)})
+        candidates = [p for p in paths if p in lf and p in rf and lf[p].size == rf[p].size
+                      and not _in_sync(lf[p], rf[p], base.get(p))]
+        equal = _equal_content(client, dest, remote, candidates)
+        plan = {p: _decide(lf.get(p), rf.get(p), base.get(p), p in equal, direction, delete,
+                           prefer)
+                for p in paths}
+        report = SyncReport(dry_run=dry_run)
+        state = {p: e for p, e in base.items() if p in paths}
+        if dry_run:
+            _Syncer(client, dest, remote, report, progress, state).run(plan, lf, rf, equal)
+            report.duration = time.monotonic() - started
+            return report
         if remote_files is None:
             try:
                 client.mkdir(remote)
             except AivaError as exc:
                 raise SyncError(f"cannot create {remote} in {client.label}: {exc}") from exc
-        root.mkdir(parents=True, exist_ok=True)
-    try:
-        _Syncer(client, root, remote, report, progress, state).run(plan, lf, rf, equal)
-    finally:  # what was done so far is remembered, so a rerun does not redo or misread it
-        if state_file is not None and not dry_run:
-            _save_state(state_file, root, remote, state)
+        if dest is None:
+            root.mkdir(parents=True, exist_ok=True)
+            dest = stack.enter_context(DestDir(root))
+        _check_space(dest, sum(rf[p].size for p, a in plan.items() if a == "pull"), client)
+        try:
+            _Syncer(client, dest, remote, report, progress, state).run(plan, lf, rf, equal)
+        finally:  # what was done so far is remembered, so a rerun does not redo or misread it
+            if state_file is not None:
+                _save_state(state_file, root, remote, state)
     report.duration = time.monotonic() - started
     return report
+
+
+def _check_space(dest: DestDir, needed: int, client: AgentClient) -> None:
+    """All the pulls together must fit before the first byte lands (a sparse 1 TB file in
+    the sandbox is 1 TB here)."""
+    try:
+        dest.check_space(needed, what=f"the files to pull from {client.label}")
+    except AivaError as exc:
+        raise SyncError(str(exc), hint=exc.hint) from exc
 
 
 def _same_entry(loc: Stat, rem: Stat, b: dict[str, Any] | None, sha: str | None

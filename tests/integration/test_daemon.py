@@ -333,3 +333,23 @@ def test_prometheus_and_the_sampler(daemon: Daemon, remote: RemoteEngine,
     states = {(s.labels["state"], s.labels["backend"]): s.value
               for s in families["aiva_sandboxes"].samples}
     assert states.get(("running", "docker"), 0) >= 1
+
+
+def test_files_out_through_the_daemon_lose_their_powers(remote: RemoteEngine,
+                                                        boxes: list[str],
+                                                        tmp_path: Path) -> None:
+    """The daemon's copy-out and sync routes write through the same safe path as the
+    in-process engine: no setuid bits, no link followed (the refusal keeps its class)."""
+    name = _new(remote, boxes)
+    run(remote, name, "mkdir -p /workspace/o && cp /bin/true /workspace/o/t && "
+                      "chmod 6755 /workspace/o/t")
+    assert remote.copy_out(name, "/workspace/o/t", tmp_path / "t") > 0
+    assert stat.S_IMODE((tmp_path / "t").stat().st_mode) & 0o7000 == 0
+    remote.sync(name, tmp_path / "pulled", "/workspace/o", direction="pull")
+    assert stat.S_IMODE((tmp_path / "pulled" / "t").stat().st_mode) & 0o7000 == 0
+    (tmp_path / "victim").write_text("keep me")
+    (tmp_path / "link").symlink_to(tmp_path / "victim")
+    with pytest.raises(errors.HostFileError, match="symbolic link"):
+        remote.copy_out(name, "/workspace/o/t", tmp_path / "link")
+    assert (tmp_path / "victim").read_text() == "keep me"
+    remote.delete(name, volumes=True)

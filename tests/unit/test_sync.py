@@ -166,7 +166,7 @@ def test_pull_into_missing_local_dir(client: AgentClient, remote: Path,
     assert report.pulled == ["a.txt", "sub/b.bin", "sub/deep/c.md"]
     assert report.bytes_received == 208
     assert tree(dest) == tree(remote)
-    assert not [p for p in dest.rglob("*.aiva")]  # no temp files left behind
+    assert not list(dest.rglob(".aiva-*"))  # no temp files left behind
 
 
 def test_push_creates_missing_remote_dir(client: AgentClient, local: Path,

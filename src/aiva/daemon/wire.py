@@ -109,7 +109,8 @@ ERRORS: dict[str, type[AivaError]] = {cls.__name__: cls for cls in (
     errors.ImageUnsupported, errors.AgentError, errors.AgentUnreachable,
     errors.ProtocolError, errors.RemoteError, errors.SandboxFileNotFound,
     errors.SandboxPermissionError, errors.SandboxFileExists, errors.CommandTimeout,
-    errors.CommandFailed, errors.SyncError, errors.DesktopError, errors.NotADesktop,
+    errors.CommandFailed, errors.SyncError, errors.HostFileError, errors.DesktopError,
+    errors.NotADesktop,
     TaskNotFound, TaskStateError,
 )}
 
@@ -125,6 +126,7 @@ STATUS: list[tuple[type[AivaError], int]] = [
     (errors.SandboxFileExists, 409),
     (errors.InvalidTransition, 409),
     (errors.DesktopError, 409),
+    (errors.HostFileError, 409),
     (errors.SandboxPermissionError, 403),
     (errors.InvalidValue, 400),
     (errors.ConfigError, 400),
