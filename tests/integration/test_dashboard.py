@@ -319,11 +319,18 @@ def test_desktop_tabs_switch_the_iframe(daemon: Daemon, remote: RemoteEngine,
                       body=f"<title>vnc</title><body style='background:#fff'>"
                            f"<h1 id=screen>desktop on {port}</h1>")
 
+    def overview(route: Route) -> None:  # a and b are desktop sandboxes, as far as the page knows
+        got = route.fetch().json()
+        for row in got["sandboxes"]:
+            row["desktop"] = row["name"] in ports
+        route.fulfill(json=got)
+
+    page.route("**/v1/overview", overview)
     page.route("**/v1/sandboxes/*/desktop", desktop)
     page.context.route("http://127.0.0.1:4600*/vnc.html*", vnc)
     page.goto(_cli_url())
     expect(page.locator("#desktop-count")).to_have_text("2", timeout=20_000)
-    assert plain in asked
+    assert plain not in asked  # a sandbox without a desktop is never asked (no 404s)
     expect(_row(page, a).locator(".desktop-pill")).to_be_visible()
     expect(_row(page, plain).locator(".desktop-pill")).to_have_count(0)
 
@@ -503,4 +510,95 @@ def test_tasks_view_approves_and_rejects_held_tasks(daemon: Daemon, page: Page) 
                 store.cancel(task.id)
             except TaskStateError:
                 pass  # the scheduler already ended it
+        store.close()
+
+
+@needs_chromium
+def test_landing_view_events_and_limits(daemon: Daemon, remote: RemoteEngine,
+                                        boxes: list[str], page: Page) -> None:
+    """The page opens on the first sandbox (no click), says "Loading…" until the daemon
+    answers, names the command of each command event, shows a CPU limit only where one
+    is enforced, and asks no plain sandbox for a desktop (no 404 in the console)."""
+    from playwright.sync_api import expect
+
+    limited = _new(remote, boxes, "lim")  # 1 CPU
+    host = os.cpu_count() or 1
+    free_name = f"free-{uuid.uuid4().hex[:6]}"
+    boxes.append(free_name)
+    remote.create(free_name, remote.build_spec(cpus=host, memory="512MB"))
+    remote.exec(limited, ["sh", "-c", "echo landing-test"])
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if r.url.endswith("/desktop") else None)
+    calls = {"overview": 0}
+
+    def first_fails(route: Route) -> None:
+        calls["overview"] += 1
+        if calls["overview"] == 1:
+            route.abort()
+        else:
+            route.continue_()
+
+    page.route("**/v1/overview", first_fails)
+    page.goto(_cli_url())
+    expect(page.locator("#loading")).to_be_visible(timeout=10_000)
+    expect(page.locator("#loading")).to_be_hidden(timeout=20_000)
+    first = page.locator("li.sandbox").first.get_attribute("data-name")
+    expect(page.locator("#detail")).to_be_visible()
+    expect(page.locator("#d-name")).to_have_text(first or "")
+    _row(page, limited).click()
+    cmd = page.locator('#events li[data-kind="command"]').first
+    expect(cmd).to_contain_text("$ sh -c 'echo landing-test' → exit 0 in", timeout=10_000)
+    expect(page.locator('[data-fact="cpus"]')).to_have_text("1")
+    _row(page, free_name).click()
+    expect(page.locator('[data-fact="cpus"]')).to_have_text(f"no limit ({host} on this host)")
+    expect(page.locator("#cpu-now")).to_contain_text(f"(no limit: {host} host CPUs)",
+                                                     timeout=30_000)
+    assert asked == []
+
+
+@needs_chromium
+def test_tasks_table_on_a_narrow_screen(daemon: Daemon, page: Page) -> None:
+    """Ids and sandbox names stay on one line, every cell of a row ends on the same line,
+    and Approve, Reject and Cancel all show, at 1100 px."""
+    from playwright.sync_api import expect
+
+    from aiva.tasks.models import Task, TaskState, TaskStateError
+    from aiva.tasks.store import TaskStore
+
+    page.set_viewport_size({"width": 1100, "height": 800})
+    store = TaskStore()
+    t = store.add(Task(command=["python3", "-m", "pytest", "-q", "tests/test_everything.py"],
+                       approve=True, state=TaskState.awaiting_approval))
+    store.update(t.id, sandbox="pool-python-3f9a-with-a-long-name",
+                 reason="waiting for a person to look at the diff before it lands")
+    try:
+        page.goto(_cli_url())
+        page.click("#view-tasks")
+        row = page.locator(f'tr.task[data-id="{t.id}"]')
+        expect(row).to_have_count(1, timeout=15_000)
+        one_line = row.locator("td.col-priority").bounding_box()
+        assert one_line is not None
+        boxes_ = [row.locator(f"td.{c}").bounding_box() for c in
+                  ("col-id", "col-sandbox", "col-reason", "col-actions", "col-state")]
+        for box in boxes_:
+            assert box is not None
+            assert abs((box["y"] + box["height"]) - (one_line["y"] + one_line["height"])) < 1.5
+        for c in ("col-id", "col-sandbox"):
+            lines = row.locator(f"td.{c}").evaluate(  # distinct tops of the text's boxes
+                "td => { const r = document.createRange(); r.selectNodeContents(td); "
+                "return new Set([...r.getClientRects()].map(x => Math.round(x.top))).size; }")
+            assert lines == 1, f"{c} wraps onto {lines} lines"
+        screenshot(page, "dashboard-tasks-narrow")
+        card = page.locator(".table-card").bounding_box()
+        assert card is not None
+        for action in ("approve", "reject", "cancel"):
+            button = row.locator(f"button[data-action={action}]")
+            expect(button).to_be_visible()
+            b = button.bounding_box()
+            assert b is not None and b["x"] + b["width"] <= card["x"] + card["width"] + 1
+    finally:
+        try:
+            store.cancel(t.id)
+        except TaskStateError:
+            pass
         store.close()

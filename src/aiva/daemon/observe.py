@@ -13,6 +13,7 @@ The dashboard's static files (``aiva/daemon/dashboard/``) are mounted at ``/ui``
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -75,7 +76,11 @@ class SandboxRow(BaseModel):
     image: str
     template: str | None = None
     cpus: float
+    cpu_limit: float | None = Field(None, description="the CPUs the sandbox is held to, or "
+                                    "None when it may use all of the host's")
+    host_cpus: int = Field(description="CPUs of the host")
     memory: int
+    desktop: bool = False
     ports: list[str] = Field(description="published ports, HOST->GUEST/PROTO")
     running_since: datetime | None = None
     uptime: float | None = Field(None, description="seconds running, while running")
@@ -124,6 +129,7 @@ async def overview(reconcile: bool = False, eng: Engine = Eng, coll: Collector =
         latest = coll.latest(max(3 * interval, 15.0))
         lifecycle = coll.lifecycle_events()
         now = time.time()
+        host_cpus = os.cpu_count() or 1
         rows = []
         for sb in boxes:
             since = _running_since(sb, lifecycle.get(sb.id, ()))
@@ -132,6 +138,8 @@ async def overview(reconcile: bool = False, eng: Engine = Eng, coll: Collector =
                 name=sb.name, id=sb.id, state=sb.state, error=sb.error,
                 backend=sb.spec.backend, image=sb.spec.image, template=sb.spec.template,
                 cpus=sb.spec.cpus, memory=sb.spec.memory, ports=_ports(sb),
+                cpu_limit=sb.spec.cpus if sb.spec.cpus < host_cpus else None,
+                host_cpus=host_cpus, desktop=sb.spec.desktop,
                 running_since=since, updated_at=sb.updated_at,
                 uptime=None if since is None else round(max(0.0, now - since.timestamp()), 1),
                 latest=_sample(fresh) if fresh else None))

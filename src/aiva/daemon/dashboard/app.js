@@ -276,7 +276,7 @@ function renderDetail() {
   const facts = [
     ["backend", row.backend],
     ["image", row.image + (row.template ? ` (template ${row.template})` : "")],
-    ["cpus", String(row.cpus)],
+    ["cpus", row.cpu_limit ? String(row.cpu_limit) : `no limit (${row.host_cpus} on this host)`],
     ["memory", bytes(row.memory)],
     ["ports", row.ports.length ? row.ports.join(", ") : "–"],
     ["uptime", row.state === "running" ? duration(row.uptime) : "–"],
@@ -303,11 +303,34 @@ async function refreshDetail() {
   else renderLogs([], logs.reason);
 }
 
+// What an event says, in words: a command event names the command and how it ended.
+function eventText(ev) {
+  const d = ev.data || {};
+  if (ev.kind === "command" && Array.isArray(d.cmd)) {
+    const cmd = d.cmd.length === 3 && d.cmd[0] === "/bin/sh" && d.cmd[1] === "-c"
+      ? d.cmd[2] : d.cmd.map(shellQuote).join(" "); // a string command ran as sh -c
+    const how = d.background ? `started in the background (pid ${d.pid})`
+      : `exit ${d.exit_code}` + (typeof d.duration === "number" ? ` in ${seconds(d.duration)}` : "")
+        + (d.timed_out ? " (timed out)" : "");
+    return `$ ${cmd} → ${how}`;
+  }
+  return Object.entries(d)
+    .filter(([, v]) => v !== null && typeof v !== "object")
+    .map(([k, v]) => `${k}=${v}`).join(" ");
+}
+
+function shellQuote(arg) {
+  return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replace(/'/g, "'\\''")}'`;
+}
+
+function seconds(s) {
+  if (s < 1) return `${(s * 1000).toFixed(s < 0.01 ? 1 : 0)} ms`;
+  return s < 60 ? `${s.toFixed(1)} s` : duration(s);
+}
+
 function renderEvents(events) {
   const items = events.slice().reverse().map((ev) => {
-    const data = Object.entries(ev.data || {})
-      .filter(([, v]) => v !== null && typeof v !== "object")
-      .map(([k, v]) => `${k}=${v}`).join(" ");
+    const data = eventText(ev);
     return el("li", { "data-kind": ev.kind },
       el("time", { text: clock(ev.ts) }),
       el("span", { class: `kind kind-${ev.kind}`, text: ev.kind }),
@@ -352,7 +375,7 @@ function renderCharts(history, row) {
   const interval = history.interval;
   // Scales follow the data (a flat line at the floor tells nothing); the captions say
   // what the ceiling is: 100% per CPU, and the memory limit.
-  const cpuLimit = 100 * (row.cpus || 1);
+  const cpuLimit = 100 * (row.cpu_limit || row.host_cpus || 1);
   const cpuPeak = Math.max(0, ...samples.map((s) => s.cpu_percent));
   const cpuMax = Math.min(Math.max(cpuLimit, cpuPeak), niceCeil(Math.max(cpuPeak * 1.25, 5)));
   drawChart($("chart-cpu"), samples.map((s) => [s.ts, s.cpu_percent]), {
@@ -368,7 +391,8 @@ function renderCharts(history, row) {
   });
   const last = samples[samples.length - 1];
   $("cpu-now").textContent = last
-    ? `${last.cpu_percent.toFixed(1)}% (limit ${cpuLimit.toFixed(0)}%)` : "";
+    ? `${last.cpu_percent.toFixed(1)}% ` + (row.cpu_limit
+      ? `(limit ${cpuLimit.toFixed(0)}%)` : `(no limit: ${row.host_cpus} host CPUs)`) : "";
   $("mem-now").textContent = last
     ? `${bytes(last.mem_used)} of ${bytes(last.mem_total)}` : "";
 }
@@ -472,7 +496,9 @@ function loopback(url) {
 
 async function checkDesktops(rows) {
   const now = Date.now();
-  const running = new Set(rows.filter((r) => r.state === "running").map((r) => r.name));
+  // only desktop sandboxes have a desktop to ask for (others would answer 404)
+  const running = new Set(rows.filter((r) => r.state === "running" && r.desktop)
+    .map((r) => r.name));
   for (const name of [...ui.desktops.keys()]) {
     if (!running.has(name)) ui.desktops.delete(name);
   }
@@ -629,15 +655,15 @@ function renderTasks() {
     return el("tr", {
       class: "task", "data-id": t.id, "data-state": t.state, "data-decision": t.decision || "",
     },
-      el("td", { class: "id", text: t.id }),
-      el("td", { class: "command", text: command, title: t.command.join(" ") }),
-      el("td", { class: "priority", text: t.priority }),
-      el("td", { class: "state" }, el("span", { class: `badge state-${t.state}`, text: state })),
-      el("td", { class: "tries", text: `${t.attempts}/${t.max_attempts}` }),
-      el("td", { class: "cost", text: money(t.cost) }),
-      el("td", { class: "sandbox", text: t.sandbox || "–" }),
-      el("td", { class: "reason", text: t.reason || "", title: t.reason || "" }),
-      el("td", { class: "actions" }, ...buttons));
+      el("td", { class: "col-id", text: t.id }),
+      el("td", { class: "col-command", text: command, title: t.command.join(" ") }),
+      el("td", { class: "col-priority", text: t.priority }),
+      el("td", { class: "col-state" }, el("span", { class: `badge state-${t.state}`, text: state })),
+      el("td", { class: "col-tries", text: `${t.attempts}/${t.max_attempts}` }),
+      el("td", { class: "col-cost", text: money(t.cost) }),
+      el("td", { class: "col-sandbox", text: t.sandbox || "–", title: t.sandbox || "" }),
+      el("td", { class: "col-reason", text: t.reason || "", title: t.reason || "" }),
+      el("td", { class: "col-actions" }, ...buttons));
   }));
   $("no-tasks").hidden = tasks.length > 0;
   const msg = $("tasks-message");
@@ -707,6 +733,13 @@ async function tick() {
     $("app").hidden = false;
     $("token-needed").hidden = true;
     await checkDesktops(overview.sandboxes);
+    $("loading").hidden = true;
+    const gone = !ui.selected || !ui.rows.has(ui.selected);
+    if (gone && overview.sandboxes.length && ui.view === "sandboxes") {
+      ui.selected = overview.sandboxes[0].name; // the landing view shows the first one
+      clearChart($("chart-cpu"), "loading…");
+      clearChart($("chart-mem"), "loading…");
+    }
     renderList(overview.sandboxes);
     renderDesktops();
     renderDetail();
@@ -727,6 +760,7 @@ async function loop() {
 
 function start() {
   clearTimeout(ui.timer);
+  if (ui.token) $("app").hidden = false; // "Loading…" until the first answer
   loop();
 }
 
