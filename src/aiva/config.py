@@ -151,6 +151,9 @@ class McpSettings(_Section):
     max_output: Size = "64KB"  # kept per exec stream and per file_read; the rest is cut
     exec_timeout: float = Field(default=120.0, gt=0)  # seconds, when a call gives none
     max_exec_timeout: float = Field(default=600.0, gt=0)  # a larger timeout is cut to this
+    # host directories the sync tool may touch (with --allow-dir / --mcp-allow-dir); none:
+    # MCP clients reach no host path at all (aiva.mcp.grants)
+    allow_dirs: list[str] = Field(default_factory=list)
 
 
 class TaskSettings(_Section):

@@ -101,9 +101,15 @@ BackendOpt = Annotated[str | None, typer.Option(
 
 
 def _spec(**kw: Any) -> Any:
+    """The spec the options ask for; what it gives away of the host goes to stderr."""
+    from aiva.spec_rules import spec_warnings
+
     env = _kv(kw.pop("env"), "an env")
     labels = _kv(kw.pop("label"), "a label")
-    return _engine().build_spec(env=env, labels=labels, **kw)
+    spec = _engine().build_spec(env=env, labels=labels, **kw)
+    for text in spec_warnings(spec):
+        output.warning(text)
+    return spec
 
 
 @app.command()

@@ -32,7 +32,9 @@ from aiva.daemon import wire
 from aiva.daemon.bridge import run_sync
 from aiva.engine import Engine
 from aiva.errors import AivaError, InvalidValue
+from aiva.mcp.grants import Grants
 from aiva.models import Event, MountSpec, OnTimeout, PortSpec, SandboxInfo, SandboxSpec
+from aiva.spec_rules import spec_warnings
 
 log = logging.getLogger("aiva.daemon")
 
@@ -112,8 +114,10 @@ async def engine_of(request: Request) -> Engine:
 Eng = Depends(engine_of)
 
 
-def create_app(engine: Engine, *, port: int | None = None) -> FastAPI:
-    """The API over ``engine``; serve it through a :class:`Gate` per listener."""
+def create_app(engine: Engine, *, port: int | None = None,
+               mcp_grants: Grants | None = None) -> FastAPI:
+    """The API over ``engine``; serve it through a :class:`Gate` per listener.
+    ``mcp_grants``: the host directories ``/mcp``'s tools may touch (none by default)."""
     from aiva.daemon import inside, observe
 
     app = FastAPI(title="aiva daemon", version=__version__,
@@ -134,7 +138,7 @@ def create_app(engine: Engine, *, port: int | None = None) -> FastAPI:
     # MCP over streamable HTTP, with this daemon's own engine (aiva.mcp.http)
     from aiva.mcp.http import McpEndpoint
 
-    app.state.mcp = McpEndpoint(engine)
+    app.state.mcp = McpEndpoint(engine, mcp_grants)
     app.router.add_route("/mcp", app.state.mcp, include_in_schema=False)
     return app
 
@@ -247,11 +251,18 @@ async def list_sandboxes(reconcile: bool = True, eng: Engine = Eng) -> list[Sand
     return await run_sync(eng.list_all, reconcile=reconcile)
 
 
+class CreatedInfo(SandboxInfo):
+    """The new sandbox, and what its settings give away (``aiva.spec_rules``)."""
+
+    warnings: list[str] = []
+
+
 @router.post(SB, status_code=201, tags=["sandboxes"])
-async def create(req: CreateRequest, eng: Engine = Eng) -> SandboxInfo:
+async def create(req: CreateRequest, eng: Engine = Eng) -> CreatedInfo:
     spec = req.spec if req.spec is not None else await run_sync(eng.build_spec,
                                                                 **_spec_args(req))
-    return await run_sync(eng.create, req.name, spec, start=req.start)
+    sb = await run_sync(eng.create, req.name, spec, start=req.start)
+    return CreatedInfo(**dict(sb), warnings=spec_warnings(sb.spec))
 
 
 @router.get(SB + "/{name}", tags=["sandboxes"])
