@@ -88,7 +88,7 @@ def test_stdio_agent_session(python_image: str, boxes: list[str], tmp_path: Path
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "aiva.cli.main", "mcp", "serve", "--max-output", "4KB",
-              "--exec-timeout", "60"],
+              "--exec-timeout", "60", "--allow-dir", str(tmp_path)],
         env=_server_env())
     name = f"mcp-{uuid.uuid4().hex[:6]}"
     boxes.append(name)
