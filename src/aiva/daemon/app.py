@@ -9,7 +9,9 @@ Auth is per listener (see :class:`Gate`): the Unix socket is guarded by its 0600
 the optional TCP listener (127.0.0.1 only) needs ``Authorization: Bearer <token>``,
 except ``GET`` of the dashboard's static files under ``/ui/`` (and ``/``, which redirects
 there): they hold no secret (see :mod:`aiva.daemon.observe`). ``/mcp`` is the MCP server
-over streamable HTTP (:mod:`aiva.mcp.http`), behind the same gate.
+over streamable HTTP (:mod:`aiva.mcp.http`), behind the same gate; it also takes the MCP
+token (``AIVA_HOME/mcp.token``), which opens nothing else, so an MCP client's config
+never holds the whole API.
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ class Gate:
     """One listener's door. ``token=None``: the Unix socket, whose file mode is the
     check; otherwise every request must carry the bearer token (compared in constant
     time), but for ``GET`` of the dashboard's files (:func:`_public`). Requests that did
-    not come through a Gate are refused by :class:`_Guard`."""
+    not come through a Gate are refused by :class:`_Guard`. ``mcp_token`` opens ``/mcp``
+    only."""
 
-    def __init__(self, app: ASGIApp, *, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, *, token: str | None, mcp_token: str | None = None
+                 ) -> None:
         self.app = app
         self.token = token
+        self.mcp_token = mcp_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -68,9 +73,19 @@ class Gate:
         for key, value in scope.get("headers", []):
             if key == b"authorization":
                 scheme, _, given = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and secrets.compare_digest(
-                    given.strip().encode(), self.token.encode())
+                if scheme.lower() != "bearer":
+                    return False
+                sent = given.strip().encode()
+                if secrets.compare_digest(sent, self.token.encode()):
+                    return True
+                return (self.mcp_token is not None and _is_mcp(scope)
+                        and secrets.compare_digest(sent, self.mcp_token.encode()))
         return False
+
+
+def _is_mcp(scope: Scope) -> bool:
+    """The one route the MCP token opens (exactly: no prefix a path could climb out of)."""
+    return bool(scope.get("path") == "/mcp")
 
 
 def _public(scope: Scope) -> bool:

@@ -59,6 +59,7 @@ def serve(port: int | None = None, *, mcp_allow_dirs: list[str] | None = None) -
                         hint="see `aiva daemon status`; stop it with `aiva daemon stop`"
                         ) from None
     token = wire.ensure_token()
+    mcp_token = wire.ensure_token(wire.mcp_token_path())
     unix = _bind_unix(wire.socket_path())
     tcp = _bind_tcp(port) if port is not None else None
     port = tcp.getsockname()[1] if tcp is not None else None
@@ -74,7 +75,7 @@ def serve(port: int | None = None, *, mcp_allow_dirs: list[str] | None = None) -
         app = create_app(engine, port=port, mcp_grants=grants)
         listeners: list[tuple[Gate, socket.socket]] = [(Gate(app, token=None), unix)]
         if tcp is not None:
-            listeners.append((Gate(app, token=token), tcp))
+            listeners.append((Gate(app, token=token, mcp_token=mcp_token), tcp))
         servers = [(_Server(uvicorn.Config(
             gate, lifespan="off", log_config=None, access_log=False, interface="asgi3",
             timeout_graceful_shutdown=3)), sock) for gate, sock in listeners]
