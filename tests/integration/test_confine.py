@@ -74,6 +74,9 @@ def test_bad_names_from_the_cli_create_nothing(docker_ok: Any,
         r = _aiva(*args, home=home, cwd=work)
         _one_line_error(r, "is not a valid sandbox name")
         assert "hint:" in r.stderr
+    r = _aiva("start", "../w", "-p", "0.0.0.0::80", home=home, cwd=work)
+    _one_line_error(r, "is not a valid sandbox name")
+    assert "warning" not in r.stderr  # the name is refused before the spec is looked at
     assert _tree(top) == before
     for args in (["start", "new", "--from-snapshot", "../src:t"],
                  ["start", "new", "--from-snapshot", "src:../t"]):
