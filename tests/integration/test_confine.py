@@ -9,6 +9,7 @@ stdio driven by the official MCP client in a real Docker sandbox, and a real dae
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -292,6 +293,12 @@ def test_daemon_mcp_checks_names_and_grants(daemon_home: tuple[Path, Path],
                 assert err["type"] == "SandboxNotFound"
 
     asyncio.run(granted())
+    status = subprocess.run([*AIVA, "daemon", "status", "-o", "json"], capture_output=True,
+                            text=True, timeout=60)
+    assert json.loads(status.stdout)["mcp_allow_dirs"] == [str(by_flag), str(by_config)]
+    table = subprocess.run([*AIVA, "daemon", "status"], capture_output=True, text=True,
+                           timeout=60).stdout
+    assert f"mcp dirs   {by_flag}, {by_config}" in table
     bad = subprocess.run([*AIVA, "daemon", "start", "--mcp-allow-dir", str(top / "nope")],
                          capture_output=True, text=True, timeout=60)
     _one_line_error(bad, "does not exist")

@@ -90,7 +90,8 @@ def _pool_after_stop(*, drain: bool) -> None:
 
 @daemon_app.command("status")
 def status(fmt: Format = output.Fmt.table) -> None:
-    """pid, uptime, socket, port, version and sandbox count; exits 1 if not running."""
+    """pid, uptime, socket, port, version, the MCP grants and the sandbox count; exits 1
+    if not running."""
     from aiva.daemon import server
 
     info = server.status()
@@ -105,6 +106,7 @@ def status(fmt: Format = output.Fmt.table) -> None:
         rows = [("pid", info["pid"]), ("version", info["version"]),
                 ("started", f"{started} (up {info['uptime']:.0f}s)"),
                 ("socket", info["socket"]), ("port", info["port"] or "-"),
+                ("mcp dirs", ", ".join(info.get("mcp_allow_dirs") or []) or "none granted"),
                 ("sandboxes", info["sandboxes"])]
         for key, value in rows:
             print(f"{key:<10} {value}")

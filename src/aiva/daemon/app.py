@@ -153,7 +153,8 @@ def create_app(engine: Engine, *, port: int | None = None,
     # MCP over streamable HTTP, with this daemon's own engine (aiva.mcp.http)
     from aiva.mcp.http import McpEndpoint
 
-    app.state.mcp = McpEndpoint(engine, mcp_grants)
+    app.state.mcp_grants = mcp_grants or Grants()
+    app.state.mcp = McpEndpoint(engine, app.state.mcp_grants)
     app.router.add_route("/mcp", app.state.mcp, include_in_schema=False)
     return app
 
@@ -205,7 +206,8 @@ async def daemon_info(request: Request, eng: Engine = Eng) -> dict[str, Any]:
     started = float(request.app.state.started)
     return {"pid": os.getpid(), "version": __version__, "started_at": started,
             "uptime": round(time.time() - started, 3), "socket": str(wire.socket_path()),
-            "port": request.app.state.port, "sandboxes": len(boxes)}
+            "port": request.app.state.port, "sandboxes": len(boxes),
+            "mcp_allow_dirs": [str(d) for d in request.app.state.mcp_grants.dirs]}
 
 
 # ---------------------------------------------------------------------- lifecycle
