@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 
 from aiva.errors import ConfigError, InvalidValue
 from aiva.models import OnTimeout, RestartPolicy
@@ -145,12 +152,25 @@ class CollectorSettings(_Section):
     retention: float = Field(default=86400.0, gt=0)  # seconds a sample is kept
 
 
+def _host_dir(value: str) -> str:
+    if not os.path.isabs(os.path.expanduser(value)):
+        raise ValueError(f"'{value}' is not an absolute path (the server's directory "
+                         "is not yours)")
+    return value
+
+
+HostDir = Annotated[str, AfterValidator(_host_dir)]
+
+
 class McpSettings(_Section):
     """``aiva mcp serve`` and the daemon's ``/mcp``: what one tool call may return or take."""
 
     max_output: Size = "64KB"  # kept per exec stream and per file_read; the rest is cut
     exec_timeout: float = Field(default=120.0, gt=0)  # seconds, when a call gives none
     max_exec_timeout: float = Field(default=600.0, gt=0)  # a larger timeout is cut to this
+    # host directories the sync tool may touch (with --allow-dir / --mcp-allow-dir); none:
+    # MCP clients reach no host path at all (aiva.mcp.grants)
+    allow_dirs: list[HostDir] = Field(default_factory=list)
 
 
 class TaskSettings(_Section):
@@ -224,7 +244,10 @@ def _describe(exc: ValidationError, path: Path, raw: dict[str, Any]) -> str:
         key = ".".join(str(p) for p in err["loc"])
         value: Any = raw
         for part in err["loc"]:
-            value = value.get(part) if isinstance(value, dict) else None
+            if isinstance(value, list) and isinstance(part, int) and part < len(value):
+                value = value[part]
+            else:
+                value = value.get(part) if isinstance(value, dict) else None
         if err["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
         else:

@@ -23,7 +23,7 @@ from typing import IO, Any, TypeVar, cast
 from pydantic import ValidationError
 
 from aiva import desktop as desktop_session
-from aiva import egress, lifetimes, metrics, paths, plugins, services, sync
+from aiva import egress, lifetimes, metrics, paths, plugins, services, spec_rules, sync
 from aiva.agent.protocol import FrameKind
 from aiva.agent_client import AgentClient, ExecResult, OutputCallback, ProcessHandle, StdinSource
 from aiva.backends import detect_backend, make_backend
@@ -84,14 +84,16 @@ class Engine:
     @contextmanager
     def _exclusive(self, name: str, *, wait: bool = True) -> Iterator[bool]:
         """One lifecycle operation per sandbox at a time, across threads and processes
-        (flock on ``run/locks/NAME.lock``), so the daemon's reconcile never reads a
+        (flock on ``run/locks/HASH.lock``), so the daemon's reconcile never reads a
         sandbox halfway through a snapshot, restore or start. Re-entrant per thread;
-        with ``wait=False`` it yields False instead of waiting."""
+        with ``wait=False`` it yields False instead of waiting. The name is checked
+        before anything touches the filesystem, and the file is named by its hash."""
+        check_name(name)
         held: set[str] = self._held.__dict__.setdefault("names", set())
         if name in held:
             yield True
             return
-        path = aiva_home() / "run" / "locks" / f"{name}.lock"
+        path = paths.lock_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             try:
@@ -168,9 +170,16 @@ class Engine:
         """
         d = self.config.defaults
         prof = self.config.profile(profile)
-        cpus = cpus if cpus is not None else (d.cpus if d.cpus is not None else prof.cpus)
-        if cpus <= 0:
-            raise InvalidValue(f"cpus must be positive, not {cpus}")
+        # explicit limits the host cannot honour are errors; defaults are cut to the host
+        if cpus is not None:
+            cpus = spec_rules.check_cpus(cpus)
+        else:
+            cpus = spec_rules.clamp_cpus(d.cpus if d.cpus is not None else prof.cpus)
+        mem = (parse_size(memory) if memory is not None
+               else spec_rules.clamp_memory(parse_size(d.memory or prof.memory)))
+        spec_rules.check_memory(mem)
+        size = parse_size(disk if disk is not None else d.disk or prof.disk)
+        spec_rules.check_disk(size)
         bind = self.config.networking.default_bind
         port_specs = [p if isinstance(p, PortSpec) else PortSpec.parse(p, bind)
                       for p in ports or []]
@@ -191,8 +200,8 @@ class Engine:
                 template=template,
                 profile=profile or d.profile,
                 cpus=cpus,
-                memory=parse_size(memory or d.memory or prof.memory),
-                disk=parse_size(disk or d.disk or prof.disk),
+                memory=mem,
+                disk=size,
                 pids_limit=d.pids_limit,
                 env=dict(env or {}),
                 ports=port_specs,
@@ -214,6 +223,10 @@ class Engine:
 
     @_exclusive_op
     def create(self, name: str, spec: SandboxSpec, *, start: bool = True) -> SandboxInfo:
+        """A new sandbox (the name was checked by the lock, before any file was made);
+        its spec's limits are checked again, as an API client may send a whole spec.
+        The ``created`` event keeps what the spec gives away (``spec_warnings``)."""
+        spec_rules.check_limits(spec)
         sb = self.store.add(SandboxInfo(name=check_name(name), spec=spec))
         backend = self._backend_of(sb)
         try:
@@ -222,7 +235,9 @@ class Engine:
             self.store.remove(sb.id)
             raise
         sb = self.store.update(name, runtime=runtime)
-        self._record("created", sb, image=spec.image, backend=backend.name)
+        warnings = spec_rules.spec_warnings(spec)
+        self._record("created", sb, image=spec.image, backend=backend.name,
+                     **({"warnings": warnings} if warnings else {}))
         plugins.call_hook("on_vm_create", sandbox=sb)
         if not start:
             return self.store.transition(name, State.STOPPED)
@@ -360,6 +375,7 @@ class Engine:
         return self.store.snapshots(self.get(name).id)
 
     def _find_snapshot(self, sb: SandboxInfo, tag: str) -> dict[str, Any]:
+        check_tag(tag)
         for snap in self.store.snapshots(sb.id):
             if snap["tag"] == tag:
                 return snap
@@ -704,9 +720,14 @@ class Engine:
         if head in ("env", "labels") and sub:
             getattr(spec, head)[sub] = value
         elif head == "cpus":
-            spec.cpus = float(value)
+            try:
+                cpus = float(value)
+            except ValueError:
+                raise InvalidValue(f"cpus must be a number, not '{value}'",
+                                   hint="e.g. 1 or 0.5") from None
+            spec.cpus = spec_rules.check_cpus(cpus)
         elif head == "memory":
-            spec.memory = parse_size(value)
+            spec.memory = spec_rules.check_memory(parse_size(value))
         elif head in SPEC_KEYS:
             raise InvalidValue(
                 f"'{key}' cannot change on an existing sandbox",

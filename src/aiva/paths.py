@@ -28,6 +28,13 @@ def run_dir(sandbox_id: str) -> Path:
     return aiva_home() / "run" / sandbox_id[:12]
 
 
+def lock_path(name: str) -> Path:
+    """A sandbox's lifecycle lock, named by a hash of its (already checked) name, so no
+    name ever becomes a path."""
+    digest = hashlib.sha256(name.encode()).hexdigest()[:32]
+    return aiva_home() / "run" / "locks" / f"{digest}.lock"
+
+
 def cache_dir() -> Path:
     return aiva_home() / "cache"
 

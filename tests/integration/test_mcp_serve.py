@@ -88,7 +88,7 @@ def test_stdio_agent_session(python_image: str, boxes: list[str], tmp_path: Path
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "aiva.cli.main", "mcp", "serve", "--max-output", "4KB",
-              "--exec-timeout", "60"],
+              "--exec-timeout", "60", "--allow-dir", str(tmp_path)],
         env=_server_env())
     name = f"mcp-{uuid.uuid4().hex[:6]}"
     boxes.append(name)
@@ -320,6 +320,13 @@ def test_streamable_http_on_the_daemon(daemon_port: int, boxes: list[str]) -> No
         r = httpx.post(url, json=init, headers={**accept, **headers}, trust_env=False)
         assert r.status_code == 401, headers
         assert "bearer token" in r.json()["error"]["message"]
+    # the MCP token (for an MCP client's config) opens /mcp and nothing else
+    mcp_only = {"authorization": f"Bearer {wire.mcp_token_path().read_text().strip()}"}
+    assert (wire.mcp_token_path().stat().st_mode & 0o777) == 0o600
+    r = httpx.post(url, json=init, headers={**accept, **mcp_only}, trust_env=False)
+    assert r.status_code == 200, r.text
+    api = f"http://127.0.0.1:{daemon_port}/v1/sandboxes"
+    assert httpx.get(api, headers=mcp_only, trust_env=False).status_code == 401
     name = f"mcph-{uuid.uuid4().hex[:6]}"
     boxes.append(name)
 

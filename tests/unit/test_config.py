@@ -116,3 +116,13 @@ def test_cost_and_collector_sections() -> None:
     assert cfg.collector.interval == 5
     with pytest.raises(ValidationError):
         Config.model_validate({"cost": {"docker": {"cpu_hr": 1}}})
+
+
+def test_mcp_allow_dirs_must_be_absolute(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("mcp:\n  allow_dirs: [/srv/work, ~/projects]\n")
+    assert load_config(path).mcp.allow_dirs == ["/srv/work", "~/projects"]
+    path.write_text("mcp:\n  allow_dirs: [projects]\n")
+    with pytest.raises(ConfigError, match=r"mcp\.allow_dirs\.0 = 'projects': 'projects' "
+                                          "is not an absolute path"):
+        load_config(path)

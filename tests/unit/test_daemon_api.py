@@ -112,6 +112,20 @@ def test_tcp_gate_needs_the_token_and_unix_gate_does_not(app: Any) -> None:
     assert TestClient(app).get("/health").status_code == 401
 
 
+def test_the_mcp_token_opens_mcp_and_nothing_else(app: Any) -> None:
+    tcp = TestClient(Gate(app, token="s3cret", mcp_token="mcp-only"))
+    mcp = {"authorization": "Bearer mcp-only"}
+    for method, path in (("GET", "/health"), ("GET", "/v1/sandboxes"),
+                         ("POST", "/v1/sandboxes/box/sync"), ("GET", "/mcp/../v1/sandboxes"),
+                         ("GET", "/mcpx"), ("GET", "/v1/daemon")):
+        r = tcp.request(method, path, headers=mcp)
+        assert r.status_code == 401, (method, path)
+    # /mcp itself lets it in (406: the MCP server wants its own Accept header)
+    assert tcp.get("/mcp", headers=mcp).status_code != 401
+    assert tcp.get("/mcp", headers={"authorization": "Bearer nope"}).status_code == 401
+    assert tcp.get("/health", headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
 def test_errors_and_openapi_over_http(app: Any) -> None:
     client = TestClient(Gate(app, token=None))
     r = client.get("/v1/sandboxes/no-such-box")

@@ -12,13 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from aiva.agent_client import ExecResult
 from aiva.backends.base import LogLine
 from aiva.daemon.client import RemoteEngine
 from aiva.engine import Engine
-from aiva.errors import InvalidTransition, SandboxNotFound
+from aiva.errors import InvalidTransition, InvalidValue, SandboxNotFound
+from aiva.mcp.grants import Grants
 from aiva.mcp.limits import Limits
-from aiva.models import SandboxInfo, SandboxSpec, State
+from aiva.models import PortSpec, SandboxInfo, SandboxSpec, State
+from aiva.sync import SyncReport
 
 SERVER = Path(__file__).resolve().parents[2] / "src" / "aiva" / "mcp" / "server.py"
 
@@ -51,6 +55,18 @@ class FakeEngine:
         data = self.files[path]
         return {"size": len(data)}, iter([data[i:i + 999] for i in range(0, len(data), 999)])
 
+    def sync(self, name: str, local: str, remote: str, **kw: Any) -> SyncReport:
+        self.calls.append(("sync", (name, local, remote), kw))
+        return SyncReport(pushed=["a.txt"])
+
+    def build_spec(self, **kw: Any) -> SandboxSpec:
+        self.calls.append(("build_spec", (), kw))
+        return self.box.spec.model_copy(update={"ports": [PortSpec.parse("0.0.0.0:1:2")]})
+
+    def create(self, name: str, spec: SandboxSpec) -> SandboxInfo:
+        self.calls.append(("create", (name,), {}))
+        return SandboxInfo(name=name, spec=spec, state=State.RUNNING)
+
     def logs(self, name: str, *, tail: int | None = None) -> list[LogLine]:
         self.get(name)
         t = datetime(2026, 1, 1, tzinfo=UTC)
@@ -58,13 +74,13 @@ class FakeEngine:
                 LogLine(t, "exit", "0")][-(tail or 3):]
 
 
-def _run(engine: FakeEngine, limits: Limits, steps: Any) -> Any:
+def _run(engine: FakeEngine, limits: Limits, steps: Any, grants: Grants | None = None) -> Any:
     from mcp import Client
 
     from aiva.mcp.server import build_server
 
     async def go() -> Any:
-        async with Client(build_server(engine, limits)) as client:  # type: ignore[arg-type]
+        async with Client(build_server(engine, limits, grants)) as client:  # type: ignore[arg-type]
             return await steps(client)
 
     return asyncio.run(go())
@@ -155,3 +171,89 @@ def test_remote_engine_takes_every_call_the_tools_make() -> None:
         for cls in (Engine, RemoteEngine):
             params = inspect.signature(getattr(cls, name)).parameters
             assert KEYWORDS.get(name, set()) <= set(params), f"{cls.__name__}.{name}"
+
+
+# ---------------------------------------------------------------------- host paths
+
+
+def _sync(local: str) -> dict[str, Any]:
+    return {"sandbox": "box", "local": local, "remote": "proj", "direction": "pull"}
+
+
+def test_sync_without_a_grant_is_refused_with_how_to_grant_one(tmp_path: Path) -> None:
+    eng = FakeEngine()
+
+    async def steps(client: Any) -> Any:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        return tools["sync"], await client.call_tool("sync", _sync(str(tmp_path)))
+
+    tool, res = _run(eng, Limits(), steps)
+    assert "No host directory is granted" in (tool.description or "")
+    assert res.is_error
+    err = res.structured_content["error"]
+    assert err["type"] == "InvalidValue" and "no host directory is granted" in err["message"]
+    assert "aiva mcp serve --allow-dir DIR" in err["hint"] and "mcp.allow_dirs" in err["hint"]
+    assert not [c for c in eng.calls if c[0] == "sync"]
+
+
+def test_sync_reaches_only_below_a_granted_directory(tmp_path: Path) -> None:
+    grant = tmp_path / "grant"
+    (grant / "proj").mkdir(parents=True)
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    (grant / "out").symlink_to(outside)  # a link inside the grant that leads out
+    (grant / "loop").symlink_to(grant / "loop")
+    (grant / "file").write_text("x")
+    eng = FakeEngine()
+    grants = Grants.resolve([str(grant)])
+    refused = {str(outside): "is not inside", f"{grant}/../secret": "'..'",
+               f"{grant}/out": "leads out of", f"{grant}/out/sub": "leads out of",
+               f"{grant}/loop/x": "cannot be resolved", f"{grant}/a\0b": "NUL",
+               "proj": "not absolute",
+               f"{grant}/file": "not a directory", "/": "is not inside"}
+
+    async def steps(client: Any) -> Any:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        ok = [await client.call_tool("sync", _sync(p))
+              for p in (str(grant), f"{grant}/proj", f"{grant}/new/dir")]
+        bad = {p: await client.call_tool("sync", _sync(p)) for p in refused}
+        return tools["sync"], ok, bad
+
+    tool, ok, bad = _run(eng, Limits(), steps, grants)
+    assert str(grant) in (tool.description or "")
+    assert [r.is_error for r in ok] == [False, False, False]
+    synced = [c[1][1] for c in eng.calls if c[0] == "sync"]
+    assert synced == [str(grant), str(grant / "proj"), str(grant / "new" / "dir")]
+    for path, text in refused.items():
+        res = bad[path]
+        assert res.is_error, path
+        assert text in res.structured_content["error"]["message"], path
+    assert len([c for c in eng.calls if c[0] == "sync"]) == 3  # none of the refused ran
+
+
+def test_grants_are_resolved_at_startup(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real)
+    assert Grants.resolve([str(tmp_path / "alias")], [str(real)]).dirs == (real,)
+    with pytest.raises(InvalidValue, match="does not exist"):
+        Grants.resolve([str(tmp_path / "nope")])
+    (tmp_path / "f").write_text("")
+    with pytest.raises(InvalidValue, match="not a directory"):
+        Grants.resolve([str(tmp_path / "f")])
+
+
+def test_sandbox_create_checks_the_name_and_returns_the_warnings() -> None:
+    eng = FakeEngine()
+
+    async def steps(client: Any) -> Any:
+        return ([await client.call_tool("sandbox_create", {"name": bad})
+                 for bad in ("../../x/y", "a/b", "..")],
+                await client.call_tool("sandbox_create", {"name": "fine"}))
+
+    bad, good = _run(eng, Limits(), steps)
+    for res in bad:
+        assert res.is_error and "not a valid sandbox name" in res.content[0].text
+    assert [c[1] for c in eng.calls if c[0] == "create"] == [("fine",)]
+    assert not good.is_error
+    assert "reachable from the network" in good.structured_content["warnings"][0]

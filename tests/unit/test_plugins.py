@@ -290,7 +290,7 @@ def test_the_engine_calls_every_hook(tmp_path: Path) -> None:
     get_plugin_manager().register(Boom(), name="boom")  # the engine does not notice
     engine = Engine(Config())
     engine._backends["fake"] = FakeBackend()
-    spec = SandboxSpec(backend="fake", image="img", cpus=1, memory=1, disk=1,
+    spec = SandboxSpec(backend="fake", image="img", cpus=1, memory=1 << 29, disk=1 << 30,
                        workdir=str(tmp_path))
     try:
         engine.create("box", spec)

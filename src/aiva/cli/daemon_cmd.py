@@ -29,17 +29,23 @@ def start(
     ] = None,
     foreground: Annotated[bool, typer.Option(
         "--foreground", help="run in this terminal instead of detached")] = False,
+    mcp_allow_dir: Annotated[list[str] | None, typer.Option(
+        "--mcp-allow-dir", help="a host directory the /mcp sync tool may read and write "
+        "(repeat for more; with config mcp.allow_dirs). None by default")] = None,
 ) -> None:
     """Start the daemon (detached) and wait until it answers."""
     from aiva.daemon import server
+    from aiva.mcp.grants import Grants
 
+    dirs = [str(d) for d in Grants.resolve(mcp_allow_dir or []).dirs]  # a bad one: one line
     if foreground:
         from aiva.daemon.__main__ import main
 
-        main([] if port is None else ["--port", str(port)])
+        main(([] if port is None else ["--port", str(port)])
+             + [arg for d in dirs for arg in ("--mcp-allow-dir", d)])
         return
     with output.status("starting the aiva daemon ..."):
-        info = server.start(port)
+        info = server.start(port, mcp_allow_dirs=dirs)
     where = info["socket"] + (f" and 127.0.0.1:{info['port']}" if info.get("port") else "")
     output.ok(f"aiva daemon running (pid {info['pid']}) on {where}")
 
@@ -84,7 +90,8 @@ def _pool_after_stop(*, drain: bool) -> None:
 
 @daemon_app.command("status")
 def status(fmt: Format = output.Fmt.table) -> None:
-    """pid, uptime, socket, port, version and sandbox count; exits 1 if not running."""
+    """pid, uptime, socket, port, version, the MCP grants and the sandbox count; exits 1
+    if not running."""
     from aiva.daemon import server
 
     info = server.status()
@@ -99,6 +106,7 @@ def status(fmt: Format = output.Fmt.table) -> None:
         rows = [("pid", info["pid"]), ("version", info["version"]),
                 ("started", f"{started} (up {info['uptime']:.0f}s)"),
                 ("socket", info["socket"]), ("port", info["port"] or "-"),
+                ("mcp dirs", ", ".join(info.get("mcp_allow_dirs") or []) or "none granted"),
                 ("sandboxes", info["sandboxes"])]
         for key, value in rows:
             print(f"{key:<10} {value}")

@@ -101,9 +101,15 @@ BackendOpt = Annotated[str | None, typer.Option(
 
 
 def _spec(**kw: Any) -> Any:
+    """The spec the options ask for; what it gives away of the host goes to stderr."""
+    from aiva.spec_rules import spec_warnings
+
     env = _kv(kw.pop("env"), "an env")
     labels = _kv(kw.pop("label"), "a label")
-    return _engine().build_spec(env=env, labels=labels, **kw)
+    spec = _engine().build_spec(env=env, labels=labels, **kw)
+    for text in spec_warnings(spec):
+        output.warning(text)
+    return spec
 
 
 @app.command()
@@ -127,6 +133,9 @@ def init(
     mount: MountOpt = None,
 ) -> None:
     """Create a sandbox without starting it."""
+    from aiva.models import check_name
+
+    check_name(name)  # before the spec: a bad name is the one thing to say
     spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
                  ports=port, profile=profile, env=env, label=label, backend=backend,
                  network=network, timeout=timeout, idle_timeout=idle_timeout,
@@ -158,6 +167,9 @@ def start(
         "--from-snapshot", help="SOURCE:TAG: a new sandbox from a snapshot (fork)")] = None,
 ) -> None:
     """Start a sandbox, creating it first if there is none by that name."""
+    from aiva.models import check_name
+
+    check_name(name)
     engine = _engine()
     given = [template, image, cpus, memory, disk, port, profile, env, label, backend,
              network != "nat", timeout, idle_timeout, on_timeout, restart, mount]

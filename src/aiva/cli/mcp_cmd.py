@@ -24,19 +24,28 @@ def serve(
     max_exec_timeout: Annotated[float | None, typer.Option(
         "--max-exec-timeout", help="the largest timeout a call may ask for "
         "(default: config mcp.max_exec_timeout)")] = None,
+    allow_dir: Annotated[list[str] | None, typer.Option(
+        "--allow-dir", help="a host directory the sync tool may read and write (repeat for "
+        "more; with config mcp.allow_dirs). None by default: no host path is reachable")
+    ] = None,
 ) -> None:
     """Serve sandboxes as MCP tools over stdio (for an MCP client's config).
 
     Only protocol goes to stdout; logs go to stderr and AIVA_HOME/aiva.log.
+
+    The client (an agent) reaches host paths only below the --allow-dir directories.
 
     While the aiva daemon runs, tool calls go through it.
 
     The daemon serves the same tools over streamable HTTP at /mcp.
     """
     from aiva.config import load_config
+    from aiva.mcp.grants import Grants
     from aiva.mcp.limits import Limits
+
+    limits = Limits.from_settings(load_config().mcp, max_output=max_output,
+                                  exec_timeout=exec_timeout, max_exec_timeout=max_exec_timeout)
+    dirs = [str(d) for d in Grants.resolve(allow_dir or []).dirs]  # a bad one: one line
     from aiva.mcp.server import serve_stdio  # the MCP SDK: imported only here
 
-    serve_stdio(Limits.from_settings(load_config().mcp, max_output=max_output,
-                                     exec_timeout=exec_timeout,
-                                     max_exec_timeout=max_exec_timeout))
+    serve_stdio(limits, dirs)

@@ -44,6 +44,12 @@ def ok(msg: str) -> None:
     err_console.print(f"[green]✓[/] {escape(msg)}", highlight=False)
 
 
+def warning(msg: str) -> None:
+    """Plain text on stderr, like :func:`error`: something legal the user should know."""
+    sys.stderr.write(f"warning: {msg}\n")
+    sys.stderr.flush()
+
+
 def error(msg: str, hint: str | None = None) -> None:
     """Plain text on purpose: scripts and tests read it, and messages may hold brackets."""
     sys.stderr.write(f"error: {msg}\n")

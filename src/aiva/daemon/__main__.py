@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Serve aiva's engine over HTTP.")
     parser.add_argument("--port", type=int, default=None,
                         help="also listen on 127.0.0.1:PORT (bearer token required)")
+    parser.add_argument("--mcp-allow-dir", action="append", default=[], metavar="DIR",
+                        help="a host directory the /mcp sync tool may touch (repeatable)")
     args = parser.parse_args(argv)
     # the daemon is the engine: nothing in it may go looking for a daemon (itself)
     os.environ["AIVA_NO_DAEMON"] = "1"
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     from aiva.daemon.server import serve
 
     try:
-        serve(args.port)
+        serve(args.port, mcp_allow_dirs=args.mcp_allow_dir)
     except AivaError as exc:
         logging.getLogger("aiva.daemon").error("%s%s", exc.message,
                                                f" (hint: {exc.hint})" if exc.hint else "")

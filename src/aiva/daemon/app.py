@@ -9,7 +9,9 @@ Auth is per listener (see :class:`Gate`): the Unix socket is guarded by its 0600
 the optional TCP listener (127.0.0.1 only) needs ``Authorization: Bearer <token>``,
 except ``GET`` of the dashboard's static files under ``/ui/`` (and ``/``, which redirects
 there): they hold no secret (see :mod:`aiva.daemon.observe`). ``/mcp`` is the MCP server
-over streamable HTTP (:mod:`aiva.mcp.http`), behind the same gate.
+over streamable HTTP (:mod:`aiva.mcp.http`), behind the same gate; it also takes the MCP
+token (``AIVA_HOME/mcp.token``), which opens nothing else, so an MCP client's config
+never holds the whole API.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from aiva.daemon import wire
 from aiva.daemon.bridge import run_sync
 from aiva.engine import Engine
 from aiva.errors import AivaError, InvalidValue
+from aiva.mcp.grants import Grants
 from aiva.models import Event, MountSpec, OnTimeout, PortSpec, SandboxInfo, SandboxSpec
+from aiva.spec_rules import spec_warnings
 
 log = logging.getLogger("aiva.daemon")
 
@@ -47,11 +51,14 @@ class Gate:
     """One listener's door. ``token=None``: the Unix socket, whose file mode is the
     check; otherwise every request must carry the bearer token (compared in constant
     time), but for ``GET`` of the dashboard's files (:func:`_public`). Requests that did
-    not come through a Gate are refused by :class:`_Guard`."""
+    not come through a Gate are refused by :class:`_Guard`. ``mcp_token`` opens ``/mcp``
+    only."""
 
-    def __init__(self, app: ASGIApp, *, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, *, token: str | None, mcp_token: str | None = None
+                 ) -> None:
         self.app = app
         self.token = token
+        self.mcp_token = mcp_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -66,9 +73,19 @@ class Gate:
         for key, value in scope.get("headers", []):
             if key == b"authorization":
                 scheme, _, given = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and secrets.compare_digest(
-                    given.strip().encode(), self.token.encode())
+                if scheme.lower() != "bearer":
+                    return False
+                sent = given.strip().encode()
+                if secrets.compare_digest(sent, self.token.encode()):
+                    return True
+                return (self.mcp_token is not None and _is_mcp(scope)
+                        and secrets.compare_digest(sent, self.mcp_token.encode()))
         return False
+
+
+def _is_mcp(scope: Scope) -> bool:
+    """The one route the MCP token opens (exactly: no prefix a path could climb out of)."""
+    return bool(scope.get("path") == "/mcp")
 
 
 def _public(scope: Scope) -> bool:
@@ -112,8 +129,10 @@ async def engine_of(request: Request) -> Engine:
 Eng = Depends(engine_of)
 
 
-def create_app(engine: Engine, *, port: int | None = None) -> FastAPI:
-    """The API over ``engine``; serve it through a :class:`Gate` per listener."""
+def create_app(engine: Engine, *, port: int | None = None,
+               mcp_grants: Grants | None = None) -> FastAPI:
+    """The API over ``engine``; serve it through a :class:`Gate` per listener.
+    ``mcp_grants``: the host directories ``/mcp``'s tools may touch (none by default)."""
     from aiva.daemon import inside, observe
 
     app = FastAPI(title="aiva daemon", version=__version__,
@@ -134,7 +153,8 @@ def create_app(engine: Engine, *, port: int | None = None) -> FastAPI:
     # MCP over streamable HTTP, with this daemon's own engine (aiva.mcp.http)
     from aiva.mcp.http import McpEndpoint
 
-    app.state.mcp = McpEndpoint(engine)
+    app.state.mcp_grants = mcp_grants or Grants()
+    app.state.mcp = McpEndpoint(engine, app.state.mcp_grants)
     app.router.add_route("/mcp", app.state.mcp, include_in_schema=False)
     return app
 
@@ -186,7 +206,8 @@ async def daemon_info(request: Request, eng: Engine = Eng) -> dict[str, Any]:
     started = float(request.app.state.started)
     return {"pid": os.getpid(), "version": __version__, "started_at": started,
             "uptime": round(time.time() - started, 3), "socket": str(wire.socket_path()),
-            "port": request.app.state.port, "sandboxes": len(boxes)}
+            "port": request.app.state.port, "sandboxes": len(boxes),
+            "mcp_allow_dirs": [str(d) for d in request.app.state.mcp_grants.dirs]}
 
 
 # ---------------------------------------------------------------------- lifecycle
@@ -247,11 +268,18 @@ async def list_sandboxes(reconcile: bool = True, eng: Engine = Eng) -> list[Sand
     return await run_sync(eng.list_all, reconcile=reconcile)
 
 
+class CreatedInfo(SandboxInfo):
+    """The new sandbox, and what its settings give away (``aiva.spec_rules``)."""
+
+    warnings: list[str] = []
+
+
 @router.post(SB, status_code=201, tags=["sandboxes"])
-async def create(req: CreateRequest, eng: Engine = Eng) -> SandboxInfo:
+async def create(req: CreateRequest, eng: Engine = Eng) -> CreatedInfo:
     spec = req.spec if req.spec is not None else await run_sync(eng.build_spec,
                                                                 **_spec_args(req))
-    return await run_sync(eng.create, req.name, spec, start=req.start)
+    sb = await run_sync(eng.create, req.name, spec, start=req.start)
+    return CreatedInfo(**dict(sb), warnings=spec_warnings(sb.spec))
 
 
 @router.get(SB + "/{name}", tags=["sandboxes"])

@@ -35,7 +35,7 @@ from aiva.daemon.transport import (
     stdin_fields,
 )
 from aiva.desktop import DesktopInfo
-from aiva.errors import BackendUnavailable, SandboxNotFound
+from aiva.errors import BackendUnavailable, InvalidValue, SandboxNotFound
 from aiva.metrics import SandboxMetrics
 from aiva.models import (
     Event,
@@ -45,6 +45,7 @@ from aiva.models import (
     SandboxInfo,
     SandboxSpec,
     ServiceSpec,
+    check_tag,
 )
 from aiva.sync import SyncReport
 
@@ -178,10 +179,10 @@ class RemoteEngine:
         return snaps
 
     def restore(self, name: str, tag: str) -> SandboxInfo:
-        return self._info("POST", self._api.sb(name, f"snapshots/{quote(tag, safe='')}/restore"))
+        return self._info("POST", self._api.sb(name, f"{_snapshot(tag)}/restore"))
 
     def fork(self, name: str, source: str, tag: str) -> SandboxInfo:
-        return self._info("POST", self._api.sb(source, f"snapshots/{quote(tag, safe='')}/fork"),
+        return self._info("POST", self._api.sb(source, f"{_snapshot(tag)}/fork"),
                           json={"name": name})
 
     def get(self, name: str) -> SandboxInfo:
@@ -368,11 +369,22 @@ class RemoteEngine:
                 yield wire.to_log_line(event)
 
     def get_setting(self, name: str, key: str) -> Any:
-        return self._api.call("GET", self._api.sb(name, f"settings/{quote(key, safe='')}"))["value"]
+        return self._api.call("GET", self._api.sb(name, _setting(key)))["value"]
 
     def set_setting(self, name: str, key: str, value: str) -> SandboxInfo:
-        return self._info("PUT", self._api.sb(name, f"settings/{quote(key, safe='')}"),
-                          json={"value": value})
+        return self._info("PUT", self._api.sb(name, _setting(key)), json={"value": value})
+
+
+def _snapshot(tag: str) -> str:
+    """A snapshot's URL path: the tag is checked, so '..' cannot climb to another route."""
+    return f"snapshots/{quote(check_tag(tag), safe='')}"
+
+
+def _setting(key: str) -> str:
+    """A setting's URL path; '.' and '..' would climb to another route."""
+    if key.strip(".") == "":
+        raise InvalidValue(f"unknown key '{key}'", hint="e.g. cpus, memory or env.NAME")
+    return f"settings/{quote(key, safe='')}"
 
 
 __all__ = ["RemoteAgent", "RemoteEngine", "RemoteProcess", "connect", "daemon_running"]

@@ -39,10 +39,15 @@ log = logging.getLogger("aiva.daemon")
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def serve(port: int | None = None) -> None:
-    """Run the daemon in this process until SIGTERM or SIGINT."""
+def serve(port: int | None = None, *, mcp_allow_dirs: list[str] | None = None) -> None:
+    """Run the daemon in this process until SIGTERM or SIGINT. ``mcp_allow_dirs`` and the
+    config's ``mcp.allow_dirs``: the host directories ``/mcp``'s sync may touch."""
+    from aiva.config import load_config
     from aiva.daemon.app import Gate, create_app
     from aiva.engine import Engine
+    from aiva.mcp.grants import Grants
+
+    grants = Grants.resolve(mcp_allow_dirs or [], load_config().mcp.allow_dirs)
 
     home = aiva_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -54,6 +59,7 @@ def serve(port: int | None = None) -> None:
                         hint="see `aiva daemon status`; stop it with `aiva daemon stop`"
                         ) from None
     token = wire.ensure_token()
+    mcp_token = wire.ensure_token(wire.mcp_token_path())
     unix = _bind_unix(wire.socket_path())
     tcp = _bind_tcp(port) if port is not None else None
     port = tcp.getsockname()[1] if tcp is not None else None
@@ -66,15 +72,16 @@ def serve(port: int | None = None) -> None:
         wire.state_path().write_text(json.dumps({
             "pid": os.getpid(), "port": port, "started_at": time.time(),
             "version": __version__, "socket": str(wire.socket_path())}))
-        app = create_app(engine, port=port)
+        app = create_app(engine, port=port, mcp_grants=grants)
         listeners: list[tuple[Gate, socket.socket]] = [(Gate(app, token=None), unix)]
         if tcp is not None:
-            listeners.append((Gate(app, token=token), tcp))
+            listeners.append((Gate(app, token=token, mcp_token=mcp_token), tcp))
         servers = [(_Server(uvicorn.Config(
             gate, lifespan="off", log_config=None, access_log=False, interface="asgi3",
             timeout_graceful_shutdown=3)), sock) for gate, sock in listeners]
-        log.info("aiva daemon %s (pid %d) on %s%s", __version__, os.getpid(),
-                 wire.socket_path(), f" and 127.0.0.1:{port}" if port else "")
+        log.info("aiva daemon %s (pid %d) on %s%s; mcp granted: %s", __version__,
+                 os.getpid(), wire.socket_path(), f" and 127.0.0.1:{port}" if port else "",
+                 ", ".join(str(d) for d in grants.dirs) or "none")
         asyncio.run(_run(servers, engine, app.state.mcp))
     finally:
         engine.close()
@@ -174,19 +181,21 @@ async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine,
 # ---------------------------------------------------------------------- control
 
 
-def start(port: int | None = None, *, foreground: bool = False, timeout: float = 60.0
-          ) -> dict[str, Any]:
+def start(port: int | None = None, *, foreground: bool = False, timeout: float = 60.0,
+          mcp_allow_dirs: list[str] | None = None) -> dict[str, Any]:
     """Start the daemon (detached unless ``foreground``) and wait until it answers."""
     if daemon_running():
         raise AivaError(f"an aiva daemon already runs for {aiva_home()}",
                         hint="see `aiva daemon status`; stop it with `aiva daemon stop`")
     if foreground:
-        serve(port)
+        serve(port, mcp_allow_dirs=mcp_allow_dirs)
         return {"running": False}
     aiva_home().mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "aiva.daemon"]
     if port is not None:
         cmd += ["--port", str(port)]
+    for d in mcp_allow_dirs or []:  # absolute: the daemon's directory is not the caller's
+        cmd += ["--mcp-allow-dir", os.path.abspath(os.path.expanduser(d))]
     with wire.log_path().open("ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,

@@ -17,6 +17,7 @@ from aiva.agent_client import ExecResult, ProcessHandle, StdinSource
 from aiva.daemon import wire
 from aiva.daemon.wire import daemon_running
 from aiva.errors import BackendUnavailable
+from aiva.models import check_name
 
 CHUNK = 1 << 20
 __all__ = ["DaemonHTTP", "RemoteAgent", "RemoteProcess", "daemon_running", "stdin_fields"]
@@ -43,8 +44,10 @@ class DaemonHTTP:
 
     @staticmethod
     def sb(name: str, rest: str = "") -> str:
-        """The URL path of a sandbox (or of ``rest`` under it)."""
-        return f"{wire.API}/sandboxes/{quote(name, safe='')}" + (f"/{rest}" if rest else "")
+        """The URL path of a sandbox (or of ``rest`` under it). The name is checked
+        first: '..' must not climb to another route."""
+        path = f"{wire.API}/sandboxes/{quote(check_name(name), safe='')}"
+        return path + (f"/{rest}" if rest else "")
 
     def unreachable(self, exc: Exception) -> BackendUnavailable:
         return BackendUnavailable(

@@ -37,6 +37,12 @@ def token_path() -> Path:
     return aiva_home() / "daemon.token"
 
 
+def mcp_token_path() -> Path:
+    """A second bearer token that opens ``/mcp`` and nothing else: the one to put in an
+    MCP client's config, so the client never holds the whole API."""
+    return aiva_home() / "mcp.token"
+
+
 def pid_path() -> Path:
     return aiva_home() / "daemon.pid"
 
@@ -71,11 +77,12 @@ def daemon_running(timeout: float = 0.05, *, answer_timeout: float = 2.0) -> boo
         sock.close()
 
 
-def ensure_token() -> str:
-    """The TCP bearer token, made at first start; the file is created 0600 atomically."""
+def ensure_token(path: Path | None = None) -> str:
+    """The TCP bearer token (or the one in ``path``), made at first start; the file is
+    created 0600 atomically."""
     import secrets
 
-    path = token_path()
+    path = path or token_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -85,7 +92,7 @@ def ensure_token() -> str:
         if token:
             return token
         path.unlink()
-        return ensure_token()
+        return ensure_token(path)
     token = secrets.token_urlsafe(32)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")

@@ -22,15 +22,18 @@ if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
     from aiva.engine import Engine
+    from aiva.mcp.grants import Grants
 
 log = logging.getLogger("aiva.mcp")
 
 
 class McpEndpoint:
-    """An ASGI app: the MCP server over ``engine``, its sessions started at first use."""
+    """An ASGI app: the MCP server over ``engine``, its sessions started at first use.
+    ``grants``: the host directories its sync tool may touch (none by default)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, grants: Grants | None = None) -> None:
         self.engine = engine
+        self.grants = grants
         self._manager: Any = None  # StreamableHTTPSessionManager, once started
         self._lock: asyncio.Lock | None = None
         self._stop: asyncio.Event | None = None
@@ -73,7 +76,8 @@ class McpEndpoint:
         from aiva.mcp.limits import Limits
         from aiva.mcp.server import build_server
 
-        server = build_server(self.engine, Limits.from_settings(self.engine.config.mcp))
+        server = build_server(self.engine, Limits.from_settings(self.engine.config.mcp),
+                              self.grants)
         server.streamable_http_app(  # makes the server's session manager
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
         manager: StreamableHTTPSessionManager = server.session_manager

@@ -17,7 +17,6 @@ import binascii
 import functools
 import json
 import logging
-import os
 import posixpath
 import uuid
 from collections.abc import Awaitable, Callable
@@ -34,7 +33,10 @@ from aiva.agent_client import ExecResult
 from aiva.config import format_size
 from aiva.daemon.bridge import run_sync
 from aiva.errors import AivaError, InvalidValue, SandboxNotFound
+from aiva.mcp.grants import Grants
 from aiva.mcp.limits import Limits, clip_output, file_window, window_note
+from aiva.models import check_name
+from aiva.spec_rules import spec_warnings
 
 if TYPE_CHECKING:
     from aiva.backends.base import LogLine
@@ -72,6 +74,11 @@ class SandboxOut(BaseModel):
     ports: list[str] = Field(description="published ports, HOST:PORT->GUEST")
     error: str | None = None
     created_at: str
+
+
+class CreateOut(SandboxOut):
+    warnings: list[str] = Field(
+        default_factory=list, description="what the sandbox's settings give away of the host")
 
 
 class SandboxListOut(BaseModel):
@@ -205,9 +212,9 @@ def _guarded(fn: Callable[P, Awaitable[CallToolResult]]) -> Callable[P, Awaitabl
     return call
 
 
-def sandbox_out(sb: SandboxInfo) -> SandboxOut:
+def sandbox_out(sb: SandboxInfo, cls: type[SandboxOut] = SandboxOut) -> SandboxOut:
     spec = sb.spec
-    return SandboxOut(
+    return cls(
         name=sb.name, id=sb.id, state=sb.state.value, backend=spec.backend, image=spec.image,
         cpus=spec.cpus, memory=format_size(spec.memory), network=spec.network,
         workdir=spec.workdir, ports=[str(p) for p in sb.runtime.get("ports") or []],
@@ -276,9 +283,13 @@ def _exec_text(out: ExecOut) -> str:
 # ---------------------------------------------------------------------- server
 
 
-def build_server(engine: Engine, limits: Limits | None = None) -> MCPServer:
-    """The MCP server over ``engine``: tools, and the logs as resources."""
+def build_server(engine: Engine, limits: Limits | None = None,
+                 grants: Grants | None = None) -> MCPServer:
+    """The MCP server over ``engine``: tools, and the logs as resources. ``grants``: the
+    host directories the ``sync`` tool may touch (none by default); no other tool
+    touches a host path."""
     lim = limits or Limits()
+    allowed = grants or Grants()
     server: MCPServer = MCPServer(
         name="aiva", title="aiva sandboxes", version=__version__, instructions=INSTRUCTIONS)
     budget = format_size(lim.max_output)
@@ -309,7 +320,8 @@ def build_server(engine: Engine, limits: Limits | None = None) -> MCPServer:
 
     @tool("sandbox_create", "Create and start a sandbox: an isolated Linux machine with "
           "python3, where you can run commands and keep files. Returns its name and state. "
-          "Destroy it with sandbox_destroy when done.")
+          "No host directory is mounted into it and no port is published beyond this "
+          "machine. Destroy it with sandbox_destroy when done.")
     async def sandbox_create(
         name: Annotated[str | None, Field(
             description="letters, digits, '_', '.', '-'; default: a new sb-xxxxxxxx")] = None,
@@ -325,12 +337,16 @@ def build_server(engine: Engine, limits: Limits | None = None) -> MCPServer:
         timeout: Annotated[float | None, Field(
             description="seconds of life, then it stops (enforced by the aiva daemon)")] = None,
     ) -> Annotated[CallToolResult, SandboxOut]:
-        def create() -> SandboxInfo:
+        def create() -> CreateOut:
             spec = engine.build_spec(template=template, image=image, cpus=cpus, memory=memory,
                                      network=network, timeout=timeout)
-            return engine.create(name or f"sb-{uuid.uuid4().hex[:8]}", spec)
+            sb = engine.create(check_name(name or f"sb-{uuid.uuid4().hex[:8]}"), spec)
+            out = sandbox_out(sb, CreateOut)
+            assert isinstance(out, CreateOut)
+            out.warnings = spec_warnings(sb.spec)
+            return out
 
-        return _result(sandbox_out(await run_sync(create)))
+        return _result(await run_sync(create))
 
     @tool("sandbox_list", "List all sandboxes with their state.", read_only=True)
     async def sandbox_list() -> Annotated[CallToolResult, SandboxListOut]:
@@ -474,11 +490,13 @@ def build_server(engine: Engine, limits: Limits | None = None) -> MCPServer:
 
     @tool("sync", "Sync a directory on the machine running this MCP server with a "
           "directory in a sandbox; only changed files cross. push: local to sandbox, pull: "
-          "sandbox to local, both: each way (changes on both sides are conflicts).")
+          "sandbox to local, both: each way (changes on both sides are conflicts). "
+          f"{allowed.describe()}")
     async def sync(
         sandbox: SandboxArg,
         local: Annotated[str, Field(
-            description="absolute path of a directory on the server's machine")],
+            description="absolute path of a directory on the server's machine, at or "
+                        "below a granted directory")],
         remote: PathArg,
         direction: Annotated[Literal["push", "pull", "both"], Field(
             description="push, pull or both")] = "both",
@@ -491,11 +509,7 @@ def build_server(engine: Engine, limits: Limits | None = None) -> MCPServer:
             description="how to resolve conflicts; default: leave them and report them")
         ] = None,
     ) -> Annotated[CallToolResult, SyncOut]:
-        path = os.path.expanduser(local)
-        if not os.path.isabs(path):
-            raise InvalidValue(f"local path '{local}' is not absolute",
-                               hint="give the absolute path of a directory on the machine "
-                                    "running the aiva MCP server")
+        path = str(allowed.check(local))  # before anything touches the host
         full = await resolve(sandbox, remote)
         report: SyncReport = await run_sync(engine.sync, sandbox, path, full,
                                             direction=direction, delete=delete,
@@ -570,11 +584,13 @@ def _resource_message(exc: AivaError) -> str:
 # ---------------------------------------------------------------------- stdio
 
 
-def serve_stdio(limits: Limits | None = None) -> None:
+def serve_stdio(limits: Limits | None = None, allow_dirs: list[str] | None = None) -> None:
     """``aiva mcp serve``: the server on stdin/stdout until the client closes them.
 
     Nothing but protocol reaches stdout (the SDK diverts fd 1 to stderr while it serves);
-    the SDK's own log goes to ``AIVA_HOME/aiva.log``, its warnings also to stderr."""
+    the SDK's own log goes to ``AIVA_HOME/aiva.log``, its warnings also to stderr.
+    ``allow_dirs`` (``--allow-dir``) and the config's ``mcp.allow_dirs`` are the host
+    directories ``sync`` may touch, resolved now."""
     import signal
 
     import anyio
@@ -595,13 +611,16 @@ def serve_stdio(limits: Limits | None = None) -> None:
     console.setLevel(logging.WARNING)
     sdk.addHandler(console)
 
+    from aiva.config import load_config
+
+    settings = load_config().mcp
+    grants = Grants.resolve(allow_dirs or [], settings.allow_dirs)
     engine = default_engine()
     if limits is None:
-        from aiva.config import load_config
-
-        limits = Limits.from_settings(load_config().mcp)
-    server = build_server(engine, limits)
-    log.info("mcp serve (stdio) over %s engine", type(engine).__name__)
+        limits = Limits.from_settings(settings)
+    server = build_server(engine, limits, grants)
+    log.info("mcp serve (stdio) over %s engine; granted: %s", type(engine).__name__,
+             ", ".join(str(d) for d in grants.dirs) or "none")
     try:
         anyio.run(server.run_stdio_async)
     finally:
