@@ -25,6 +25,7 @@ import socket
 import stat
 import subprocess
 import sys
+import termios
 import time
 from collections import deque
 
@@ -38,6 +39,11 @@ AGENT_VERSION = "1"
 BACKGROUND_BUFFER = 1 << 20  # bytes of output kept per stream for a detached process
 OUTPUT_LINGER = 0.2  # seconds to drain pipes held open by grandchildren after exit
 WRITE_HIGH_WATER = 4 << 20  # stop producing file data when this much is queued
+OUTPUT_LOW_WATER = 1 << 20  # paused command pipes are read again below this much queued
+PSEUDO_FILE_MAX = 1 << 20  # bytes read of a file that says it is empty (/proc, /sys)
+HASH_SLICE = 4 << 20  # bytes hashed per loop turn, so other clients are served between
+WALK_BATCH = 5000  # entries looked at per walk frame
+WALK_BATCH_BYTES = 1 << 20  # about this many bytes of JSON per walk frame (< MAX_PAYLOAD)
 
 
 def log(msg):
@@ -72,6 +78,100 @@ def error_payload(exc):
     return {"kind": type(exc).__name__, "message": str(exc) or type(exc).__name__}
 
 
+# --------------------------------------------------------------------------- safe opening
+
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+def file_type_name(mode):
+    # type: (int) -> str
+    for test, name in _FILE_TYPES:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def not_regular(path, mode):
+    # type: (str, int) -> Exception
+    """The error for a path that is not a regular file, naming what it is instead."""
+    if stat.S_ISDIR(mode):
+        return IsADirectoryError(errno.EISDIR, "is a directory", path)
+    return RequestError("UnsupportedFileType", "%s is %s, not a regular file" % (
+        path, file_type_name(mode)))
+
+
+def open_regular(path, dir_fd=None):
+    # type: (str, int | None) -> tuple
+    """(fd, stat) of the regular file at ``path``, opened for reading; anything else
+    (a FIFO, a device, a socket, a directory) is refused before a byte is read.
+
+    Symlinks are followed: they point into the sandbox's own view. A stat first keeps a
+    device from ever being opened (opening some has effects); the fstat of what was
+    opened, with O_NONBLOCK so a FIFO swapped in meanwhile cannot block the open, is the
+    check that counts. O_NONBLOCK stays on a file that claims to be empty (a /proc or
+    /sys file: one like /proc/kmsg would block a read) and is cleared on any other.
+    """
+    st = os.stat(path, dir_fd=dir_fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise not_regular(path, st.st_mode)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular(path, st.st_mode)
+        if st.st_size > 0:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_some(fd, n):
+    # type: (int, int) -> bytes
+    """Up to ``n`` bytes; b"" at the end, or when a non-blocking pseudo file has none."""
+    while True:
+        try:
+            return os.read(fd, n)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            return b""
+
+
+def read_pseudo(fd, limit=PSEUDO_FILE_MAX):
+    # type: (int, int) -> bytes
+    """A file that reports size 0 may still have content (procfs, sysfs): take what it
+    has, up to ``limit`` bytes."""
+    parts = []
+    got = 0
+    while got < limit:
+        chunk = read_some(fd, min(1 << 16, limit - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def read_small(path, limit=PSEUDO_FILE_MAX):
+    # type: (str, int) -> bytes
+    """The first ``limit`` bytes of a regular file (a /proc or /etc file)."""
+    fd, _ = open_regular(path)
+    try:
+        return read_pseudo(fd, limit)
+    finally:
+        os.close(fd)
+
+
 # --------------------------------------------------------------------------- connections
 
 
@@ -89,6 +189,7 @@ class Conn:
         self.out = bytearray()
         self.channels = {}  # type: dict
         self.producers = deque()  # type: deque
+        self.yielded = False  # a producer gave up its turn: come back on the next one
         self.closed = False
 
     def send(self, kind, chan, payload=b""):
@@ -445,6 +546,8 @@ class Agent:
         self.conns = []  # type: list
         self.procs = {}  # type: dict
         self.pipes = {}  # type: dict
+        # a paused pipe's fd -> the Conn whose output must drain before it is read again
+        self.paused = {}  # type: dict
         self.timers = []  # type: list
         self.timer_seq = 0
         self.running = True
@@ -686,18 +789,7 @@ class Agent:
     def _on_conn_write(self, conn):
         # type: (Conn) -> None
         while True:
-            while conn.producers and len(conn.out) < WRITE_HIGH_WATER:
-                prod = conn.producers[0]
-                try:
-                    chunk = next(prod)
-                except StopIteration:
-                    conn.producers.popleft()
-                    continue
-                except Exception as exc:
-                    conn.producers.popleft()
-                    log("producer failed: %r" % (exc,))
-                    continue
-                conn.out += chunk
+            self._produce(conn)
             if not conn.out:
                 break
             try:
@@ -708,10 +800,34 @@ class Agent:
                 self.close_conn(conn)
                 return
             del conn.out[:n]
-            if conn.out:
+            if conn.out or conn.yielded:
                 break
-        if not conn.closed:
-            self._update_write_interest(conn)
+        if conn.closed:
+            return
+        if len(conn.out) <= OUTPUT_LOW_WATER:
+            self._resume_pipes(conn)
+        self._update_write_interest(conn)
+
+    def _produce(self, conn):
+        # type: (Conn) -> None
+        """Fill ``out`` from the producers, taking turns, up to WRITE_HIGH_WATER. A
+        producer that yields b"" has done a slice of work (hashing) and gives the loop
+        its turn: the connection stays interested in writing, so it comes back at once."""
+        conn.yielded = False
+        while conn.producers and len(conn.out) < WRITE_HIGH_WATER:
+            prod = conn.producers.popleft()
+            try:
+                chunk = next(prod)
+            except StopIteration:
+                continue
+            except Exception as exc:
+                log("producer failed: %r" % (exc,))
+                continue
+            conn.producers.append(prod)
+            if not chunk:
+                conn.yielded = True
+                return
+            conn.out += chunk
 
     def close_conn(self, conn):
         # type: (Conn) -> None
@@ -737,6 +853,7 @@ class Agent:
                 log("abort failed: %r" % (exc,))
         conn.channels.clear()
         conn.producers.clear()
+        self._resume_pipes(conn)  # a background process goes on into its ring buffer
         if not conn.owned:  # stdio or a device: the agent's life is this stream
             self.running = False
 
@@ -807,18 +924,38 @@ class Agent:
 
     def _close_pipes(self, proc):
         # type: (Proc) -> None
-        for fd, (pr, _kind) in list(self.pipes.items()):
+        """The process exited a while ago and something (a grandchild) still holds a
+        pipe: take what the pipe holds now, even if it is paused, and close it."""
+        for fd, (pr, kind) in list(self.pipes.items()):
             if pr is proc:
+                try:
+                    self._drain_pipe(fd, proc, kind)
+                except OSError:
+                    pass
                 self._drop_pipe(fd)
         self._maybe_done(proc)
+
+    def _drain_pipe(self, fd, proc, kind):
+        # type: (int, Proc, int) -> None
+        """Read the bytes buffered in a pipe now (never more: a writer keeps going)."""
+        buf = bytearray(4)
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+        left = int.from_bytes(bytes(buf), sys.byteorder)
+        while left > 0:
+            data = read_some(fd, min(left, 1 << 16))
+            if not data:
+                return
+            left -= len(data)
+            self._deliver(proc, kind, data)
 
     def _drop_pipe(self, fd):
         # type: (int) -> None
         proc, _ = self.pipes.pop(fd)
-        try:
-            self.sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
+        if self.paused.pop(fd, None) is None:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
         os.close(fd)
         proc.open_pipes -= 1
 
@@ -835,6 +972,13 @@ class Agent:
             self._drop_pipe(fd)
             self._maybe_done(proc)
             return
+        self._deliver(proc, kind, data)
+        conn = proc.conn
+        if conn is not None and not conn.closed and len(conn.out) >= WRITE_HIGH_WATER:
+            self._pause_pipe(fd, conn)
+
+    def _deliver(self, proc, kind, data):
+        # type: (Proc, int, bytes) -> None
         if proc.conn is not None and not proc.conn.closed:
             proc.conn.send(kind, proc.chan, data)
         if proc.background:
@@ -842,6 +986,30 @@ class Agent:
             buf += data
             if len(buf) > BACKGROUND_BUFFER:
                 del buf[: len(buf) - BACKGROUND_BUFFER]
+
+    def _pause_pipe(self, fd, conn):
+        # type: (int, Conn) -> None
+        """Stop reading a command's output while its client is this far behind: the
+        command then blocks in its own write, and the agent's memory stays bounded."""
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            return
+        self.paused[fd] = conn
+
+    def _resume_pipes(self, conn=None, proc=None):
+        # type: (Conn | None, Proc | None) -> None
+        """Read again the pipes paused for ``conn`` (or those of ``proc``)."""
+        if not self.paused:
+            return
+        for fd, c in list(self.paused.items()):
+            info = self.pipes.get(fd)
+            if info is None:
+                del self.paused[fd]
+                continue
+            if (conn is not None and c is conn) or (proc is not None and info[0] is proc):
+                del self.paused[fd]
+                self.sel.register(fd, selectors.EVENT_READ, ("pipe", info))
 
     def _maybe_done(self, proc):
         # type: (Proc) -> None
@@ -948,6 +1116,7 @@ class ExecChannel:
         # type: () -> None
         proc = self.proc
         proc.conn = None
+        self.agent._resume_pipes(proc=proc)
         if not proc.background and proc.exit_code is None:
             self.agent._killpg(proc, signal.SIGKILL)
 
@@ -1104,50 +1273,94 @@ def _stat_entry(path, name=None):
     }
 
 
+class _Producing:
+    """A channel whose work is a producer on the connection; it owns the producer's fd
+    (if any), so cancelling the channel closes both, once."""
+
+    def __init__(self, fd=-1):
+        # type: (int) -> None
+        self.gen = None  # type: object
+        self.fd = fd
+
+    def data(self, payload):
+        # type: (bytes) -> None
+        pass
+
+    eof = signal = lambda self, *a: None  # type: ignore[assignment]
+
+    def close_fd(self):
+        # type: () -> None
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+    def abort(self):
+        # type: () -> None
+        gen, self.gen = self.gen, None
+        if gen is not None:
+            try:
+                gen.close()  # type: ignore[attr-defined]
+            except Exception as exc:  # it is running: it aborted itself
+                log("closing a producer failed: %r" % (exc,))
+        self.close_fd()
+
+
+def start_producer(agent, conn, chan, holder, gen):
+    # type: (Agent, Conn, int, _Producing, object) -> None
+    holder.gen = gen
+    conn.channels[chan] = holder
+    conn.producers.append(gen)
+    agent.want_write(conn)
+
+
 def op_fs_read(agent, conn, chan, req):
     # type: (Agent, Conn, int, dict) -> None
-    path = req["path"]
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-    f = open(path, "rb")
-    st = os.fstat(f.fileno())
-    conn.send_json(K.EVENT, chan, {"size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
-                                   "mtime_ns": st.st_mtime_ns})
+    """EVENT {size, mode, mtime_ns}, then exactly ``size`` bytes or fewer: a file that
+    grows meanwhile is cut there, one that shrinks ends early (RESULT says how many)."""
+    fd, st = open_regular(req["path"])
+    holder = _Producing(fd)
+    try:
+        head = b""
+        size = st.st_size
+        if size == 0:
+            head = read_pseudo(fd)
+            size = len(head)
+        conn.send_json(K.EVENT, chan, {"size": size, "mode": stat.S_IMODE(st.st_mode),
+                                       "mtime_ns": st.st_mtime_ns})
+    except BaseException:
+        holder.close_fd()
+        raise
+    start_producer(agent, conn, chan, holder, _read_frames(conn, chan, holder, size, head))
 
-    class _Reader:
-        def abort(self):
-            # type: () -> None
-            f.close()
 
-        def data(self, payload):
-            # type: (bytes) -> None
-            pass
-
-        eof = signal = lambda self, *a: None  # type: ignore[assignment]
-
-    conn.channels[chan] = _Reader()
-
-    def produce():
-        # type: () -> object
-        total = 0
-        try:
-            while True:
-                chunk = f.read(p.CHUNK * 4)
-                if not chunk:
-                    break
-                total += len(chunk)
-                yield p.encode(K.DATA, chan, chunk)
-        except OSError as exc:
-            conn.channels.pop(chan, None)
-            yield p.encode_json(K.ERROR, chan, error_payload(exc))
-            return
-        finally:
-            f.close()
+def _read_frames(conn, chan, holder, size, head):
+    # type: (Conn, int, _Producing, int, bytes) -> object
+    total = 0
+    try:
+        if head:
+            total = len(head)
+            for i in range(0, len(head), p.CHUNK * 4):
+                yield p.encode(K.DATA, chan, head[i:i + p.CHUNK * 4])
+        while total < size:
+            chunk = read_some(holder.fd, min(p.CHUNK * 4, size - total))
+            if not chunk:
+                break
+            total += len(chunk)
+            yield p.encode(K.DATA, chan, chunk)
+        result = {"bytes": total}  # type: dict
+        if total == size and read_some(holder.fd, 1):
+            result["truncated"] = True  # it grew: the rest is not what was declared
+    except OSError as exc:
         conn.channels.pop(chan, None)
-        yield p.encode_json(K.RESULT, chan, {"bytes": total})
-
-    conn.producers.append(produce())
-    agent.want_write(conn)
+        yield p.encode_json(K.ERROR, chan, error_payload(exc))
+        return
+    finally:
+        holder.close_fd()
+    conn.channels.pop(chan, None)
+    yield p.encode_json(K.RESULT, chan, result)
 
 
 class _Writer:
@@ -1253,56 +1466,139 @@ def op_fs_list(agent, conn, chan, req):
 
 def op_fs_walk(agent, conn, chan, req):
     # type: (Agent, Conn, int, dict) -> None
-    """Every file under a root as relpath -> [size, mtime_ns, mode], sent in batches."""
+    """Every regular file under a root as relpath -> [size, mtime_ns, mode], and every
+    directory, in EVENT batches of bounded size. Symlinks are never followed: each
+    directory is opened relative to its parent's fd with O_NOFOLLOW, so one swapped for
+    a link meanwhile is skipped, not entered. The walk goes as the client reads."""
     root = req["path"]
-    if not os.path.isdir(root):
-        if os.path.exists(root):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
+    flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(root, flags | os.O_NONBLOCK)
+    except NotADirectoryError:
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
+    except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "no such directory", root)
-    batch = {}  # type: dict
-    dirs = []
-    count = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if os.path.islink(full):
-                filenames.append(d)
+    holder = _Producing(fd)
+    start_producer(agent, conn, chan, holder, _walk_frames(conn, chan, holder))
+
+
+def _walk_frames(conn, chan, holder):
+    # type: (Conn, int, _Producing) -> object
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    files = {}  # type: dict
+    dirs = []  # type: list
+    size = seen = count = 0
+    # (dir fd, relpath, subdirs still to visit: None until the directory is listed)
+    stack = [(holder.fd, "", None)]  # type: list
+    opened = []  # fds of the stack's directories below the root (the holder has the root)
+    try:
+        while stack:
+            dfd, rel, todo = stack[-1]
+            if todo is None:  # not listed yet
+                todo = []
+                stack[-1] = (dfd, rel, todo)
+                with os.scandir(dfd) as it:
+                    for entry in it:
+                        seen += 1
+                        name = entry.name
+                        path = name if not rel else rel + "/" + name
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue  # vanished while listing
+                        if stat.S_ISDIR(st.st_mode):
+                            todo.append(name)
+                            dirs.append(path)
+                            size += len(path) + 4
+                        elif stat.S_ISREG(st.st_mode):
+                            files[path] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)]
+                            size += len(path) + 48
+                            count += 1
+                        if seen >= WALK_BATCH or size >= WALK_BATCH_BYTES:
+                            yield p.encode_json(K.EVENT, chan, {"files": files, "dirs": dirs})
+                            files, dirs, size, seen = {}, [], 0, 0
+                todo.reverse()  # visit in listing order
                 continue
-            dirs.append(d if rel_dir == "." else rel_dir + "/" + d)
-        for name in filenames:
-            full = os.path.join(dirpath, name)
+            if not todo:
+                stack.pop()
+                if opened and opened[-1] == dfd:
+                    opened.pop()
+                    os.close(dfd)
+                continue
+            name = todo.pop()
             try:
-                st = os.lstat(full)
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            rel = name if rel_dir == "." else rel_dir + "/" + name
-            batch[rel] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)]
-            count += 1
-            if len(batch) >= 5000:
-                conn.send_json(K.EVENT, chan, {"files": batch})
-                batch = {}
-    conn.send_json(K.EVENT, chan, {"files": batch, "dirs": dirs})
-    conn.finish(chan, {"count": count})
+                sub = os.open(name, flags, dir_fd=dfd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone, or no longer a directory (a symlink now): not entered
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    continue
+                raise
+            opened.append(sub)
+            stack.append((sub, name if not rel else rel + "/" + name, None))
+    except Exception as exc:
+        conn.channels.pop(chan, None)
+        yield p.encode_json(K.ERROR, chan, error_payload(exc))
+        return
+    finally:
+        for fd in opened:
+            os.close(fd)
+        holder.close_fd()
+    conn.channels.pop(chan, None)
+    yield p.encode_json(K.EVENT, chan, {"files": files, "dirs": dirs})
+    yield p.encode_json(K.RESULT, chan, {"count": count})
 
 
 def op_fs_hash(agent, conn, chan, req):
     # type: (Agent, Conn, int, dict) -> None
+    """sha256 of each path (None for one that is missing or not a regular file), hashed
+    HASH_SLICE bytes per loop turn so a huge file never keeps other clients waiting. A
+    file is hashed up to the size it had when opened, as fs.read would send it."""
     root = req.get("root") or "/"
-    hashes = {}
-    for rel in req["paths"]:
+    paths = req["paths"]
+    if not isinstance(root, str) or not isinstance(paths, list) or not all(
+            isinstance(x, str) for x in paths):
+        raise RequestError("ValueError", "root must be a string, paths a list of strings")
+    holder = _Producing()
+    start_producer(agent, conn, chan, holder, _hash_frames(conn, chan, holder, root, paths))
+
+
+def _hash_frames(conn, chan, holder, root, paths):
+    # type: (Conn, int, _Producing, str, list) -> object
+    hashes = {}  # type: dict
+    budget = HASH_SLICE
+    for rel in paths:
         h = hashlib.sha256()
         try:
-            with open(os.path.join(root, rel), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-        except OSError:
+            holder.fd, st = open_regular(os.path.join(root, rel))
+            left = st.st_size
+            if left == 0:
+                h.update(read_pseudo(holder.fd))
+            while left > 0:
+                if budget <= 0:
+                    yield b""  # the loop's turn
+                    budget = HASH_SLICE
+                chunk = read_some(holder.fd, min(1 << 20, left, budget))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                budget -= len(chunk)
+                h.update(chunk)
+        except (OSError, ValueError, RequestError):  # missing, not regular, a NUL in it
             hashes[rel] = None
             continue
+        finally:
+            holder.close_fd()
         hashes[rel] = h.hexdigest()
-    conn.finish(chan, {"hashes": hashes})
+        budget -= 4096  # opening costs something too: a list of small files yields as well
+    conn.channels.pop(chan, None)
+    try:
+        frame = p.encode_json(K.RESULT, chan, {"hashes": hashes})
+    except ValueError:
+        frame = p.encode_json(K.ERROR, chan, {
+            "kind": "ValueError",
+            "message": "too many paths in one fs.hash request (%d)" % len(paths)})
+    yield frame
 
 
 def op_fs_mkdir(agent, conn, chan, req):
