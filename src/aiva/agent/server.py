@@ -17,7 +17,6 @@ import hashlib
 import heapq
 import json
 import os
-import pwd
 import re
 import selectors
 import signal
@@ -396,8 +395,16 @@ class SyslogSink:
 
     def _open(self):
         # type: () -> int
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY
-                       | os.O_NONBLOCK, 0o644)
+        """Open the target without blocking (a FIFO with no reader is ENXIO, not a hang);
+        a block device is refused: records are lines, not disk blocks."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY
+                     | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "it is %s, not a file, a FIFO or a character "
+                          "device" % file_type_name(mode))
+        return fd
 
     def _write_file(self, fd):
         # type: (int) -> None
@@ -1121,13 +1128,46 @@ class ExecChannel:
             self.agent._killpg(proc, signal.SIGKILL)
 
 
-def _user_env(user):
-    # type: (str) -> tuple
+PASSWD_MAX = 16 << 20  # bytes read of /etc/passwd or /etc/group
+
+
+class User:
+    def __init__(self, name, uid, gid, home):
+        # type: (str, int, int, str) -> None
+        self.name, self.uid, self.gid, self.home = name, uid, gid, home
+
+
+def _etc_lines(path):
+    # type: (str) -> list
+    """The colon-split lines of an /etc database, read like any sandbox file (a FIFO
+    there is refused, not waited on; libc's getpwnam would block on it)."""
     try:
-        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
-        raise RequestError("LookupError", "no user %r in the sandbox" % user)
-    return pw
+        data = read_small(path, PASSWD_MAX)
+    except FileNotFoundError:
+        return []
+    return [line.split(":") for line in data.decode("utf-8", "replace").splitlines()
+            if line and not line.startswith("#")]
+
+
+def _lookup_user(user):
+    # type: (str) -> User
+    for f in _etc_lines("/etc/passwd"):
+        if len(f) < 6 or not f[2].isdigit() or not f[3].isdigit():
+            continue
+        if f[0] == user or (user.isdigit() and int(f[2]) == int(user)):
+            return User(f[0], int(f[2]), int(f[3]), f[5] or "/")
+    raise RequestError("LookupError", "no user %r in the sandbox" % user)
+
+
+def _user_groups(user):
+    # type: (User) -> list
+    """The user's primary group and every group of /etc/group that lists it."""
+    groups = [user.gid]
+    for f in _etc_lines("/etc/group"):
+        if len(f) >= 4 and f[2].isdigit() and user.name in f[3].split(","):
+            if int(f[2]) not in groups:
+                groups.append(int(f[2]))
+    return groups
 
 
 def op_exec(agent, conn, chan, req):
@@ -1147,14 +1187,15 @@ def op_exec(agent, conn, chan, req):
     preexec = None
     user = req.get("user")
     if user:
-        pw = _user_env(str(user))
-        env.update({"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name})
+        pw = _lookup_user(str(user))
+        groups = _user_groups(pw)  # here, not in the child: the agent would wait for it
+        env.update({"HOME": pw.home, "USER": pw.name, "LOGNAME": pw.name})
 
-        def preexec(pw=pw):
-            # type: (object) -> None
-            os.initgroups(pw.pw_name, pw.pw_gid)
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
+        def preexec(pw=pw, groups=groups):
+            # type: (User, list) -> None
+            os.setgroups(groups)
+            os.setgid(pw.gid)
+            os.setuid(pw.uid)
 
     want_stdin = bool(req.get("stdin"))
     popen = subprocess.Popen(
@@ -1375,13 +1416,19 @@ class _Writer:
             os.makedirs(parent, exist_ok=True)
         if os.path.isdir(self.path):
             raise IsADirectoryError(errno.EISDIR, "is a directory", self.path)
+        cloexec = getattr(os, "O_CLOEXEC", 0)
         if req.get("append"):
             self.tmp = None  # type: str | None
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self.fd = _open_append(self.path)
         else:
             self.tmp = os.path.join(parent, ".%s.aiva-%d-%d" % (
                 os.path.basename(self.path), os.getpid(), chan))
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:  # whatever sits at the temp name (a FIFO someone planted) goes first
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                              | cloexec, 0o600)
 
     def data(self, payload):
         # type: (bytes) -> None
@@ -1440,6 +1487,30 @@ class _Writer:
             except OSError:
                 pass
             self.tmp = None
+
+
+def _open_append(path):
+    # type: (str) -> int
+    """An fd to append to the regular file at ``path`` (made if missing); a FIFO or a
+    device there is refused, never opened in a way that could block or write to it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular(path, st.st_mode)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY
+                 | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_regular(path, st.st_mode)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def op_fs_write(agent, conn, chan, req):
@@ -1652,8 +1723,7 @@ def op_fs_rename(agent, conn, chan, req):
 
 def _read(path):
     # type: (str) -> str
-    with open(path) as f:
-        return f.read()
+    return read_small(path).decode("utf-8", "replace")
 
 
 def op_ping(agent, conn, chan, req):
