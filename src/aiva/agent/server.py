@@ -775,8 +775,10 @@ class Agent:
         # type: (Conn) -> None
         if conn.closed:
             return
-        # try right away: most replies are small and the socket has room
-        self._on_conn_write(conn)
+        # try right away: most replies are small and the socket has room. Producers wait
+        # for the socket to be writable, so their work (a hash slice) never rides along
+        # with every small send.
+        self._on_conn_write(conn, produce=False)
 
     def _update_write_interest(self, conn):
         # type: (Conn) -> None
@@ -793,10 +795,11 @@ class Agent:
             elif not need and registered:
                 self.sel.unregister(conn.wfd)
 
-    def _on_conn_write(self, conn):
-        # type: (Conn) -> None
+    def _on_conn_write(self, conn, produce=True):
+        # type: (Conn, bool) -> None
         while True:
-            self._produce(conn)
+            if produce:
+                self._produce(conn)
             if not conn.out:
                 break
             try:
@@ -1164,9 +1167,9 @@ def _user_groups(user):
     """The user's primary group and every group of /etc/group that lists it."""
     groups = [user.gid]
     for f in _etc_lines("/etc/group"):
-        if len(f) >= 4 and f[2].isdigit() and user.name in f[3].split(","):
-            if int(f[2]) not in groups:
-                groups.append(int(f[2]))
+        if (len(f) >= 4 and f[2].isdigit() and user.name in f[3].split(",")
+                and int(f[2]) not in groups):
+            groups.append(int(f[2]))
     return groups
 
 
