@@ -1159,15 +1159,16 @@ def test_append_to_a_fifo_is_refused_at_once(client: AgentClient, tmp_path: Path
     assert client.ping()
 
 
-def test_a_fifo_planted_at_the_temp_name_of_a_write_is_replaced(unix_agent: UnixAgent,
-                                                                 tmp_path: Path) -> None:
-    c = unix_agent.connect()
+def test_a_fifo_planted_at_the_temp_name_of_a_write_is_replaced(
+        unix_agent: UnixAgent, raw: RawConn, tmp_path: Path) -> None:
     target = tmp_path / "t"
-    ch = c._open("fs.write", {"path": str(target)})
-    os.mkfifo(tmp_path / f".t.aiva-{unix_agent.proc.pid}-{ch.id + 2}")
-    assert c.write_file(str(target), b"data", timeout=10) == 4  # the next channel's name
+    os.mkfifo(tmp_path / f".t.aiva-{unix_agent.proc.pid}-2")  # the name channel 2 uses
+    raw.open(2, "fs.write", path=str(target))
+    raw.sock.sendall(p.encode(K.DATA, 2, b"data") + p.encode(K.EOF, 2, bytes([K.DATA])))
+    kind, payload = raw.next(2, timeout=10)
+    assert kind == K.RESULT and json.loads(payload)["bytes"] == 4, (kind, payload)
     assert target.read_bytes() == b"data"
-    assert c.ping()
+    assert stat.S_ISREG(os.lstat(target).st_mode)
 
 
 def _data_until_result(raw: RawConn, chan: int) -> tuple[int, dict[str, Any]]:
