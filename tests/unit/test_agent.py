@@ -1345,3 +1345,47 @@ def test_a_background_command_without_a_listener_keeps_a_bounded_tail(
     res = b.call("proc.wait", pid=h.pid, timeout=60)
     assert res["exit_code"] == 0
     assert len(res["stdout"]) <= 1 << 20 and res["stdout"].endswith("aend\n")
+
+
+def test_stdin_a_command_does_not_take_is_held_back_in_the_socket(
+        unix_agent: UnixAgent, raw: RawConn) -> None:
+    """A command that never reads its stdin, and a client that pushes 200 MiB of it:
+    the agent stops reading that client instead of keeping it all."""
+    agent_pid = unix_agent.proc.pid
+    raw.open(2, "exec", argv=["sleep", "30"], stdin=True, timeout=3)
+    kind, payload = raw.next(2)
+    assert kind == K.EVENT
+    sleeper = int(json.loads(payload)["started"])
+    frame = p.encode(K.STDIN, 2, bytes(1 << 20))
+    sent = [0]
+
+    def push() -> None:
+        try:
+            for _ in range(200):
+                raw.sock.sendall(frame)
+                sent[0] += 1
+        except OSError:
+            pass
+    raw.sock.settimeout(60)
+    t = threading.Thread(target=push, daemon=True)
+    t.start()
+    last: list[int] = [-1]
+    stable: list[int] = [0]
+
+    def sender_stopped() -> bool:
+        stable[0] = stable[0] + 1 if sent[0] == last[0] else 0
+        last[0] = sent[0]
+        return sent[0] >= 200 or stable[0] >= 20
+    wait_for(sender_stopped, timeout=30, what="the sender to block or finish")
+    assert alive(sleeper) and sent[0] < 64, "the agent took stdin nobody reads"
+    assert proc_status(agent_pid, "VmRSS") < 80 << 20
+    kind, payload = raw.next(2)  # the timeout ends it; the agent reads the client again
+    while kind != K.RESULT:
+        kind, payload = raw.next(2)
+    assert json.loads(payload)["timed_out"]
+    t.join(30)
+    assert sent[0] == 200  # the rest was read (and dropped: the command is gone)
+    raw.open(4, "ping")
+    kind, _ = raw.next(4)
+    assert kind == K.RESULT
+    assert proc_status(agent_pid, "VmHWM") < 80 << 20

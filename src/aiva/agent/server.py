@@ -41,6 +41,8 @@ WRITE_HIGH_WATER = 4 << 20  # stop producing file data when this much is queued
 OUTPUT_LOW_WATER = 1 << 20  # paused command pipes are read again below this much queued
 PSEUDO_FILE_MAX = 1 << 20  # bytes read of a file that says it is empty (/proc, /sys)
 HASH_SLICE = 4 << 20  # bytes hashed per loop turn, so other clients are served between
+STDIN_HIGH_WATER = 16 << 20  # stop reading a client whose commands hold this much stdin
+STDIN_LOW_WATER = 4 << 20  # ... and read it again below this
 WALK_BATCH = 5000  # entries looked at per walk frame
 WALK_BATCH_BYTES = 1 << 20  # about this many bytes of JSON per walk frame (< MAX_PAYLOAD)
 
@@ -189,6 +191,7 @@ class Conn:
         self.channels = {}  # type: dict
         self.producers = deque()  # type: deque
         self.yielded = False  # a producer gave up its turn: come back on the next one
+        self.read_paused = False  # its commands hold too much unread stdin
         self.closed = False
 
     def send(self, kind, chan, payload=b""):
@@ -780,20 +783,56 @@ class Agent:
         # with every small send.
         self._on_conn_write(conn, produce=False)
 
-    def _update_write_interest(self, conn):
+    def _update_interest(self, conn):
         # type: (Conn) -> None
+        """Watch for reads unless paused (stdin backlog), for writes while there is output."""
         need = bool(conn.out) or bool(conn.producers)
+        read = not conn.read_paused
+        fds = self.sel.get_map()
         if conn.rfd == conn.wfd:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if need else 0)
-            key = self.sel.get_key(conn.rfd)
-            if key.events != events:
+            events = (selectors.EVENT_READ if read else 0) | (
+                selectors.EVENT_WRITE if need else 0)
+            key = fds.get(conn.rfd)
+            if key is None:
+                if events:
+                    self.sel.register(conn.rfd, events, ("conn", conn))
+            elif not events:
+                self.sel.unregister(conn.rfd)
+            elif key.events != events:
                 self.sel.modify(conn.rfd, events, ("conn", conn))
+            return
+        registered = conn.wfd in fds
+        if need and not registered:
+            self.sel.register(conn.wfd, selectors.EVENT_WRITE, ("wconn", conn))
+        elif not need and registered:
+            self.sel.unregister(conn.wfd)
+        registered = conn.rfd in fds
+        if read and not registered:
+            self.sel.register(conn.rfd, selectors.EVENT_READ, ("conn", conn))
+        elif not read and registered:
+            self.sel.unregister(conn.rfd)
+
+    def _stdin_queued(self, conn):
+        # type: (Conn) -> int
+        return sum(len(pr.stdin_buf) for pr in self.procs.values() if pr.conn is conn)
+
+    def check_stdin_backlog(self, conn):
+        # type: (Conn | None) -> None
+        """Stop reading a client whose commands hold STDIN_HIGH_WATER bytes of stdin they
+        have not taken yet (its sends then wait in the socket); read it again once they
+        are down to STDIN_LOW_WATER, or have exited."""
+        if conn is None or conn.closed:
+            return
+        queued = self._stdin_queued(conn)
+        if conn.read_paused:
+            if queued > STDIN_LOW_WATER:
+                return
+            conn.read_paused = False
+        elif queued >= STDIN_HIGH_WATER:
+            conn.read_paused = True
         else:
-            registered = conn.wfd in self.sel.get_map()
-            if need and not registered:
-                self.sel.register(conn.wfd, selectors.EVENT_WRITE, ("wconn", conn))
-            elif not need and registered:
-                self.sel.unregister(conn.wfd)
+            return
+        self._update_interest(conn)
 
     def _on_conn_write(self, conn, produce=True):
         # type: (Conn, bool) -> None
@@ -816,7 +855,7 @@ class Agent:
             return
         if len(conn.out) <= OUTPUT_LOW_WATER:
             self._resume_pipes(conn)
-        self._update_write_interest(conn)
+        self._update_interest(conn)
 
     def _produce(self, conn):
         # type: (Conn) -> None
@@ -1065,6 +1104,7 @@ class Agent:
             return
         except OSError:  # the process closed its stdin: drop the rest
             proc.stdin_buf = bytearray()
+        self.check_stdin_backlog(proc.conn)
         if not proc.stdin_buf:
             try:
                 self.sel.unregister(fd)
@@ -1087,6 +1127,8 @@ class Agent:
         except OSError:
             pass
         proc.popen.stdin = None
+        proc.stdin_buf = bytearray()
+        self.check_stdin_backlog(proc.conn)
 
 
 # --------------------------------------------------------------------------- channel handlers
@@ -1111,6 +1153,7 @@ class ExecChannel:
                 self.agent.sel.register(
                     proc.popen.stdin.fileno(), selectors.EVENT_WRITE, ("stdin", proc)
                 )
+        self.agent.check_stdin_backlog(proc.conn)
 
     def eof(self):
         # type: () -> None
@@ -1125,8 +1168,9 @@ class ExecChannel:
     def abort(self):
         # type: () -> None
         proc = self.proc
-        proc.conn = None
+        conn, proc.conn = proc.conn, None
         self.agent._resume_pipes(proc=proc)
+        self.agent.check_stdin_backlog(conn)
         if not proc.background and proc.exit_code is None:
             self.agent._killpg(proc, signal.SIGKILL)
 
