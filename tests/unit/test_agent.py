@@ -1389,3 +1389,44 @@ def test_stdin_a_command_does_not_take_is_held_back_in_the_socket(
     kind, _ = raw.next(4)
     assert kind == K.RESULT
     assert proc_status(agent_pid, "VmHWM") < 80 << 20
+
+
+def open_fds_to(pid: int, path: Path) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == str(path)
+        except FileNotFoundError:
+            pass
+    return n
+
+
+@pytest.mark.parametrize("op", ["fs.read", "fs.hash"])
+def test_a_cancelled_read_or_hash_lets_go_of_its_file(unix_agent: UnixAgent, raw: RawConn,
+                                                      tmp_path: Path, op: str) -> None:
+    f = tmp_path / "big"
+    with open(f, "wb") as out:
+        out.truncate(4 << 30)
+    agent_pid = unix_agent.proc.pid
+    if op == "fs.read":
+        raw.open(2, op, path=str(f))
+        assert raw.next(2)[0] == K.EVENT
+    else:
+        raw.open(2, op, root=str(tmp_path), paths=["big"])
+    wait_for(lambda: open_fds_to(agent_pid, f) == 1, what="the agent to be at it")
+    raw.sock.sendall(p.encode_json(K.SIGNAL, 2, {"cancel": True}))
+    wait_for(lambda: open_fds_to(agent_pid, f) == 0, what="the file to be closed")
+    raw.open(4, "ping")
+    assert raw.next(4)[0] == K.RESULT
+    assert_clean_log(unix_agent.log())
+
+
+def test_wait_for_a_background_command_with_binary_output_answers(
+        client: AgentClient) -> None:
+    """Each NUL byte is six bytes of JSON: the answer keeps the tail that fits a frame."""
+    h = client.exec(["sh", "-c", "head -c 3000000 /dev/zero; echo end"], background=True)
+    assert isinstance(h, ProcessHandle)
+    res = client.call("proc.wait", pid=h.pid, timeout=30)
+    assert res["exit_code"] == 0 and res["truncated"] is True
+    assert res["stdout"].endswith("\0end\n") and len(res["stdout"]) < 1 << 20
+    assert client.call("proc.wait", pid=h.pid)["stdout"] == res["stdout"]  # and again

@@ -244,6 +244,7 @@ class Proc:
         self.waiters = []  # type: list
         self.done = False
         self.finished_at = None  # type: float | None
+        self.dropped = False  # the ring buffer of a background process lost its head
 
     def result(self):
         # type: () -> dict
@@ -256,11 +257,37 @@ class Proc:
 
     def full_result(self):
         # type: () -> dict
-        """The result plus the output kept for a detached (background) process."""
+        """The result plus the output kept for a detached (background) process: the
+        tail of each stream that fits one frame (binary output can take 6 bytes of JSON
+        per byte). ``truncated`` says some of it is not there."""
         out = self.result()
-        out["stdout"] = bytes(self.buffers[K.STDOUT]).decode("utf-8", "replace")
-        out["stderr"] = bytes(self.buffers[K.STDERR]).decode("utf-8", "replace")
+        cut = self.dropped
+        for kind, key in ((K.STDOUT, "stdout"), (K.STDERR, "stderr")):
+            text = bytes(self.buffers[kind]).decode("utf-8", "replace")
+            out[key], lost = json_tail(text, RESULT_STREAM_MAX)
+            cut = cut or lost
+        if cut:
+            out["truncated"] = True
         return out
+
+
+RESULT_STREAM_MAX = (p.MAX_PAYLOAD - (64 << 10)) // 2  # JSON bytes per stream in a RESULT
+
+
+def json_tail(text, limit):
+    # type: (str, int) -> tuple
+    """(the longest tail of ``text`` whose JSON form fits in ``limit`` bytes, cut?)"""
+    size = len(json.dumps(text))
+    if size <= limit:
+        return text, False
+    n = len(text) * limit // size
+    while n > 0:
+        tail = text[len(text) - n:]
+        size = len(json.dumps(tail))
+        if size <= limit:
+            return tail, True
+        n = min(n - 1, n * limit // size)
+    return "", True
 
 
 # --------------------------------------------------------------------------- guest syslog
@@ -1035,6 +1062,7 @@ class Agent:
             buf += data
             if len(buf) > BACKGROUND_BUFFER:
                 del buf[: len(buf) - BACKGROUND_BUFFER]
+                proc.dropped = True
 
     def _pause_pipe(self, fd, conn):
         # type: (int, Conn) -> None
@@ -1068,9 +1096,12 @@ class Agent:
         self._close_stdin(proc)
         if proc.conn is not None and proc.conn.channels.get(proc.chan) is not None:
             proc.conn.finish(proc.chan, proc.result())
-        for conn, chan in proc.waiters:
-            conn.finish(chan, proc.full_result())
-        proc.waiters = []
+        waiters, proc.waiters = proc.waiters, []
+        for conn, chan in waiters:
+            try:
+                conn.finish(chan, proc.full_result())
+            except Exception as exc:  # one waiter's failure is not the others'
+                conn.fail(chan, exc)
         if not proc.background:
             self.procs.pop(proc.pid, None)
         else:  # keep a finished background process around for a later wait
