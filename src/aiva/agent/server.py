@@ -1610,7 +1610,14 @@ def op_fs_list(agent, conn, chan, req):
             entries.append(_stat_entry(os.path.join(path, name), name))
         except OSError:
             continue  # vanished while listing
-    conn.finish(chan, {"entries": entries})
+    try:
+        frame = p.encode_json(K.RESULT, chan, {"entries": entries})
+    except ValueError:
+        raise RequestError("ValueError", "%s has too many entries (%d) for one answer: "
+                           "walk it instead" % (path, len(entries)))
+    conn.channels.pop(chan, None)
+    conn.out += frame
+    agent.want_write(conn)
 
 
 def op_fs_walk(agent, conn, chan, req):
