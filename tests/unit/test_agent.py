@@ -1248,12 +1248,16 @@ def test_ping_answers_while_a_huge_file_is_hashed(unix_agent: UnixAgent,
     assert hashes == {"huge": h.hexdigest()}
 
 
+@pytest.mark.parametrize("letter", ["n", "\u00e9"], ids=["ascii", "accented"])
 def test_walk_reports_regular_files_and_dirs_only_in_bounded_frames(
-        raw: RawConn, tmp_path: Path) -> None:
+        raw: RawConn, tmp_path: Path, letter: str) -> None:
+    """Long names (an accented letter is 2 bytes of a name, 6 of JSON): one frame of
+    5000 of them would be far over MAX_PAYLOAD."""
     root = tmp_path / "w"
-    deep = root / ("d" * 250) / ("e" * 250) / ("f" * 250)
+    width = 240 // len(letter.encode())
+    deep = root / ("d" * 5 + letter * width) / ("e" * 5 + letter * width) / (letter * width)
     deep.mkdir(parents=True)
-    names = [f"{i:05d}" + "n" * 240 for i in range(5000)]  # one frame of these > 4 MiB
+    names = [f"{i:05d}" + letter * width for i in range(5000)]
     for n in names:
         (deep / n).touch()
     os.mkfifo(root / "fifo")
@@ -1274,7 +1278,8 @@ def test_walk_reports_regular_files_and_dirs_only_in_bounded_frames(
         dirs.extend(batch["dirs"])
     rel = deep.relative_to(root).as_posix()
     assert set(files) == {f"{rel}/{n}" for n in names}
-    assert sorted(dirs) == sorted([("d" * 250), f"{'d' * 250}/{'e' * 250}", rel])
+    top = "d" * 5 + letter * width
+    assert sorted(dirs) == sorted([top, f"{top}/{'e' * 5 + letter * width}", rel])
 
 
 def test_command_output_is_held_back_while_the_client_does_not_read(

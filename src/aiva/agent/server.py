@@ -1658,6 +1658,8 @@ def _walk_frames(conn, chan, holder):
                         seen += 1
                         name = entry.name
                         path = name if not rel else rel + "/" + name
+                        # its JSON size: a non-ASCII character is at most 12 bytes
+                        cost = len(path) if path.isascii() else 12 * len(path)
                         try:
                             st = entry.stat(follow_symlinks=False)
                         except OSError:
@@ -1665,10 +1667,10 @@ def _walk_frames(conn, chan, holder):
                         if stat.S_ISDIR(st.st_mode):
                             todo.append(name)
                             dirs.append(path)
-                            size += len(path) + 4
+                            size += cost + 4
                         elif stat.S_ISREG(st.st_mode):
                             files[path] = [st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)]
-                            size += len(path) + 48
+                            size += cost + 48
                             count += 1
                         if seen >= WALK_BATCH or size >= WALK_BATCH_BYTES:
                             yield p.encode_json(K.EVENT, chan, {"files": files, "dirs": dirs})
