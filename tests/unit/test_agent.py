@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -1435,3 +1436,35 @@ def test_wait_for_a_background_command_with_binary_output_answers(
     assert res["exit_code"] == 0 and res["truncated"] is True
     assert res["stdout"].endswith("\0end\n") and len(res["stdout"]) < 1 << 20
     assert client.call("proc.wait", pid=h.pid)["stdout"] == res["stdout"]  # and again
+
+
+def test_walk_of_a_deep_tree_keeps_few_directories_open(raw: RawConn, unix_agent: UnixAgent,
+                                                         tmp_path: Path) -> None:
+    root = tmp_path / "deep"
+    d = root
+    expected = {}
+    for i in range(300):  # deeper than the agent keeps directories open
+        d = d / "d"
+        d.mkdir(parents=True)
+        (d / f"f{i}").write_bytes(b"x" * i)
+        expected[(d / f"f{i}").relative_to(root).as_posix()] = i
+    (d / "sub").mkdir()
+    os.symlink(str(root), d / "loop")  # a link back up is not followed
+    agent_pid = unix_agent.proc.pid
+    fds_before = len(os.listdir(f"/proc/{agent_pid}/fd"))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.prlimit(agent_pid, resource.RLIMIT_NOFILE, (128, hard))  # < one fd per level
+    raw.open(2, "fs.walk", path=str(root))
+    files: dict[str, Any] = {}
+    dirs: list[str] = []
+    while True:
+        kind, payload = raw.next(2)
+        if kind == K.RESULT:
+            break
+        assert kind == K.EVENT, (kind, payload)
+        batch = json.loads(payload)
+        files.update(batch["files"])
+        dirs.extend(batch["dirs"])
+    assert {k: v[0] for k, v in files.items()} == expected
+    assert len(dirs) == 301
+    assert len(os.listdir(f"/proc/{agent_pid}/fd")) == fds_before

@@ -1640,20 +1640,20 @@ def op_fs_walk(agent, conn, chan, req):
 
 def _walk_frames(conn, chan, holder):
     # type: (Conn, int, _Producing) -> object
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     files = {}  # type: dict
     dirs = []  # type: list
     size = seen = count = 0
-    # (dir fd, relpath, subdirs still to visit: None until the directory is listed)
-    stack = [(holder.fd, "", None)]  # type: list
-    opened = []  # fds of the stack's directories below the root (the holder has the root)
+    # [dir fd (-1: closed, deeper than WALK_MAX_FDS), relpath, name, subdirs still to
+    # visit (None until the directory is listed)]
+    stack = [[holder.fd, "", "", None]]  # type: list
     try:
         while stack:
-            dfd, rel, todo = stack[-1]
-            if todo is None:  # not listed yet
-                todo = []
-                stack[-1] = (dfd, rel, todo)
-                with os.scandir(dfd) as it:
+            top = stack[-1]
+            rel = top[1]
+            if top[3] is None:  # not listed yet
+                todo = []  # type: list
+                top[3] = todo
+                with os.scandir(top[0]) as it:
                     for entry in it:
                         seen += 1
                         name = entry.name
@@ -1676,35 +1676,65 @@ def _walk_frames(conn, chan, holder):
                             yield p.encode_json(K.EVENT, chan, {"files": files, "dirs": dirs})
                             files, dirs, size, seen = {}, [], 0, 0
                 todo.reverse()  # visit in listing order
+                if len(stack) > WALK_MAX_FDS and todo:
+                    _walk_close(stack, len(stack) - 1)  # reopened from an ancestor
                 continue
-            if not todo:
+            if not top[3]:
+                _walk_close(stack, len(stack) - 1)
                 stack.pop()
-                if opened and opened[-1] == dfd:
-                    opened.pop()
-                    os.close(dfd)
                 continue
-            name = todo.pop()
-            try:
-                sub = os.open(name, flags, dir_fd=dfd)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # gone, or no longer a directory (a symlink now): not entered
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    continue
-                raise
-            opened.append(sub)
-            stack.append((sub, name if not rel else rel + "/" + name, None))
+            name = top[3].pop()
+            sub = _walk_open(stack, name)
+            if sub >= 0:
+                stack.append([sub, name if not rel else rel + "/" + name, name, None])
     except Exception as exc:
         conn.channels.pop(chan, None)
         yield p.encode_json(K.ERROR, chan, error_payload(exc))
         return
     finally:
-        for fd in opened:
-            os.close(fd)
+        for i in range(len(stack)):
+            _walk_close(stack, i)
         holder.close_fd()
     conn.channels.pop(chan, None)
     yield p.encode_json(K.EVENT, chan, {"files": files, "dirs": dirs})
     yield p.encode_json(K.RESULT, chan, {"count": count})
+
+
+WALK_MAX_FDS = 64  # directories a walk keeps open; deeper ones are reopened from there
+_WALK_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _walk_close(stack, i):
+    # type: (list, int) -> None
+    """Close the fd of stack entry ``i`` (not the root's: its holder owns that)."""
+    if i > 0 and stack[i][0] >= 0:
+        os.close(stack[i][0])
+        stack[i][0] = -1
+
+
+def _walk_open(stack, name):
+    # type: (list, str) -> int
+    """An fd for subdirectory ``name`` of the stack's top, never through a symlink (one
+    swapped in meanwhile is not entered: -1). A top whose fd was closed is reached again
+    from its nearest open ancestor, one O_NOFOLLOW step per level."""
+    j = len(stack) - 1
+    while stack[j][0] < 0:
+        j -= 1
+    fd = stack[j][0]
+    for k, part in enumerate([entry[2] for entry in stack[j + 1:]] + [name]):
+        try:
+            nxt = os.open(part, _WALK_DIR, dir_fd=fd)
+        except (FileNotFoundError, NotADirectoryError):
+            return -1  # gone, or no longer a directory (a symlink now): not entered
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return -1
+            raise
+        finally:
+            if k > 0:  # a step of our own on the way down
+                os.close(fd)
+        fd = nxt
+    return fd
 
 
 def op_fs_hash(agent, conn, chan, req):
