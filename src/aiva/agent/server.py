@@ -5,6 +5,12 @@ library. One thread, one ``selectors`` loop: client connections (a Unix socket, 
 serial device), child process pipes, SIGCHLD and timers all wake the same loop, which
 keeps a command round trip well under a millisecond of agent time.
 
+Everything it serves belongs to the sandbox, so nothing in the sandbox may stall that
+loop or grow the agent without bound: files are opened O_NONBLOCK and refused unless
+regular; long work (reading, hashing, walking) is a producer that runs a bounded slice
+per turn while its client keeps up; command output and stdin stop being read while the
+other side is too far behind.
+
 Usage: ``python3 DIR --listen unix:/path/agent.sock`` or ``python3 DIR --stdio``; with
 ``--syslog PATH`` it is also the guest's syslog (/dev/log), appending to PATH.
 """
