@@ -12,9 +12,11 @@ import json
 import os
 import pwd
 import random
+import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1019,3 +1021,450 @@ def test_random_frames_and_garbage_never_break_the_agent(shared_unix_agent: Unix
     assert control.ping()["pid"] == ua.proc.pid
     assert ua.proc.poll() is None
     assert_clean_log(ua.log())
+
+
+# --------------------------------------------------------------------------- hostile files
+#
+# The sandbox owns every file the agent reads: a FIFO, a device or an endless file there
+# must cost one clear error, never the agent's loop or its memory.
+
+
+class RawConn:
+    """A bare Unix-socket client that reads only when told to: the slow or absent reader
+    AgentClient (whose reader thread drains the socket at once) cannot be."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        wait_for(lambda: os.path.exists(path), what="the agent's socket")  # made at start
+        self.sock.connect(path)
+        self.sock.settimeout(30)
+        self.decoder = p.Decoder()
+        self.frames: list[tuple[int, int, bytes]] = []
+
+    def open(self, chan: int, op: str, **req: Any) -> None:
+        self.sock.sendall(p.encode_json(K.OPEN, chan, {"op": op, **req}))
+
+    def next(self, chan: int, timeout: float = 30.0) -> tuple[int, bytes]:
+        """The next frame on ``chan`` (frames of other channels are kept for later)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, (kind, c, payload) in enumerate(self.frames):
+                if c == chan:
+                    del self.frames[i]
+                    return kind, payload
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no frame on channel {chan} within {timeout}s")
+            self.sock.settimeout(left)
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise AssertionError("the agent closed the connection")
+            self.frames.extend(self.decoder.feed(data))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(unix_agent: UnixAgent) -> Iterator[RawConn]:
+    c = RawConn(unix_agent.path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def proc_status(pid: int, field_name: str) -> int:
+    """A kB field of /proc/PID/status (VmRSS, VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field_name} for {pid}")
+
+
+def proc_io(pid: int, field_name: str) -> int:
+    """A counter of /proc/PID/io (rchar, wchar)."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field_name} for {pid}")
+
+
+def refused(client: AgentClient, path: str) -> RemoteError:
+    with pytest.raises(RemoteError) as exc:
+        client.read_file(path, timeout=10)
+    return exc.value
+
+
+def test_a_fifo_is_refused_at_once_and_the_loop_goes_on(client: AgentClient,
+                                                         tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    err = refused(client, str(fifo))
+    assert err.kind == "UnsupportedFileType"
+    assert "FIFO" in str(err) and str(fifo) in str(err)
+    assert client.ping()  # nobody ever wrote the FIFO: the loop was not blocked
+    os.symlink(fifo, tmp_path / "to-fifo")  # a link is followed, then what it is checked
+    assert refused(client, str(tmp_path / "to-fifo")).kind == "UnsupportedFileType"
+    assert client.ping()
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null", "/dev/urandom"])
+def test_a_link_to_a_device_is_refused(client: AgentClient, tmp_path: Path,
+                                       device: str) -> None:
+    link = tmp_path / "f"
+    os.symlink(device, link)
+    err = refused(client, str(link))
+    assert err.kind == "UnsupportedFileType" and "character device" in str(err)
+    assert client.hash_files(str(tmp_path), ["f"]) == {"f": None}
+    assert client.ping()
+
+
+def test_a_block_device_is_refused(client: AgentClient) -> None:
+    blocks = [e.path for e in os.scandir("/dev")
+              if stat.S_ISBLK(e.stat(follow_symlinks=False).st_mode)]
+    if not blocks:
+        pytest.skip("no block device in /dev")
+    err = refused(client, blocks[0])
+    assert err.kind == "UnsupportedFileType" and "block device" in str(err)
+
+
+def test_a_socket_is_refused(client: AgentClient) -> None:
+    d = Path(tempfile.mkdtemp(prefix="aiva-sock-"))  # short: sun_path is ~108 bytes
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(d / "s"))
+        s.listen(1)
+        err = refused(client, str(d / "s"))
+        assert err.kind == "UnsupportedFileType" and "socket" in str(err)
+    finally:
+        s.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_pseudo_file_that_says_it_is_empty_is_read(client: AgentClient) -> None:
+    meta, chunks = client.read_stream("/proc/self/status")
+    data = b"".join(chunks)
+    assert b"Name:" in data and meta["size"] == len(data)
+
+
+def test_append_to_a_fifo_is_refused_at_once(client: AgentClient, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(RemoteError) as exc:
+        client.write_file(str(fifo), b"x", append=True, timeout=10)
+    assert exc.value.kind == "UnsupportedFileType"
+    assert client.ping()
+
+
+def test_a_fifo_planted_at_the_temp_name_of_a_write_is_replaced(
+        unix_agent: UnixAgent, raw: RawConn, tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    os.mkfifo(tmp_path / f".t.aiva-{unix_agent.proc.pid}-2")  # the name channel 2 uses
+    raw.open(2, "fs.write", path=str(target))
+    raw.sock.sendall(p.encode(K.DATA, 2, b"data") + p.encode(K.EOF, 2, bytes([K.DATA])))
+    kind, payload = raw.next(2, timeout=10)
+    assert kind == K.RESULT and json.loads(payload)["bytes"] == 4, (kind, payload)
+    assert target.read_bytes() == b"data"
+    assert stat.S_ISREG(os.lstat(target).st_mode)
+
+
+def _data_until_result(raw: RawConn, chan: int) -> tuple[int, dict[str, Any]]:
+    total = 0
+    while True:
+        kind, payload = raw.next(chan)
+        if kind == K.DATA:
+            total += len(payload)
+        elif kind == K.RESULT:
+            return total, json.loads(payload)
+        else:
+            raise AssertionError((kind, payload))
+
+
+def test_a_file_that_grows_while_read_is_cut_at_the_declared_size(raw: RawConn,
+                                                                  tmp_path: Path) -> None:
+    f = tmp_path / "grows"
+    size = 64 << 20
+    with open(f, "wb") as out:
+        out.truncate(size)
+    raw.open(2, "fs.read", path=str(f))
+    kind, payload = raw.next(2)
+    assert kind == K.EVENT and json.loads(payload)["size"] == size
+    # we read nothing more yet: the agent is held at its high-water mark, far before the
+    # end; the file grows meanwhile
+    with open(f, "ab") as out:
+        out.write(b"x" * (8 << 20))
+    total, result = _data_until_result(raw, 2)
+    assert total == size == result["bytes"]
+    assert result.get("truncated") is True
+
+
+def test_a_file_that_shrinks_while_read_ends_early(raw: RawConn, tmp_path: Path) -> None:
+    f = tmp_path / "shrinks"
+    size = 64 << 20
+    with open(f, "wb") as out:
+        out.truncate(size)
+    raw.open(2, "fs.read", path=str(f))
+    kind, payload = raw.next(2)
+    assert kind == K.EVENT and json.loads(payload)["size"] == size
+    os.truncate(f, 32 << 20)
+    total, result = _data_until_result(raw, 2)
+    assert total == result["bytes"] < size
+
+
+def test_hash_of_a_fifo_is_null_and_does_not_block(client: AgentClient,
+                                                   tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "a").write_bytes(b"abc")
+    big = os.urandom(1 << 20) * 9 + b"tail"  # more than two hash slices
+    (tmp_path / "big").write_bytes(big)
+    got = client.hash_files(str(tmp_path), ["fifo", "a", "big", "missing", "bad\x00name"])
+    assert got == {"fifo": None, "a": sha(b"abc"), "big": sha(big), "missing": None,
+                   "bad\x00name": None}
+    assert client.ping()
+
+
+def test_ping_answers_while_a_huge_file_is_hashed(unix_agent: UnixAgent,
+                                                  tmp_path: Path) -> None:
+    f = tmp_path / "huge"
+    with open(f, "wb") as out:
+        out.truncate(1 << 30)  # sparse: costs no disk, only hashing
+    a, b = unix_agent.connect(), unix_agent.connect()
+    assert b.ping()
+    pid = unix_agent.proc.pid
+    before = proc_io(pid, "rchar")
+    ch = raw_open(a, "fs.hash", root=str(tmp_path), paths=["huge"])
+    wait_for(lambda: proc_io(pid, "rchar") - before > 100 << 20, timeout=30,
+             what="the agent to be well into the hash")
+    assert b.ping()  # answered between two slices ...
+    assert proc_io(pid, "rchar") - before < 1 << 30  # ... long before the file was read
+    hashes = finish(a, ch, timeout=120)["hashes"]
+    h = hashlib.sha256()
+    zeros = bytes(1 << 20)
+    for _ in range(1 << 10):
+        h.update(zeros)
+    assert hashes == {"huge": h.hexdigest()}
+
+
+@pytest.mark.parametrize("letter", ["n", "\u00e9"], ids=["ascii", "accented"])
+def test_walk_reports_regular_files_and_dirs_only_in_bounded_frames(
+        raw: RawConn, tmp_path: Path, letter: str) -> None:
+    """Long names (an accented letter is 2 bytes of a name, 6 of JSON): one frame of
+    5000 of them would be far over MAX_PAYLOAD."""
+    root = tmp_path / "w"
+    width = 240 // len(letter.encode())
+    deep = root / ("d" * 5 + letter * width) / ("e" * 5 + letter * width) / (letter * width)
+    deep.mkdir(parents=True)
+    names = [f"{i:05d}" + letter * width for i in range(5000)]
+    for n in names:
+        (deep / n).touch()
+    os.mkfifo(root / "fifo")
+    os.symlink("/dev/zero", root / "zero")
+    os.symlink(str(deep), root / "dirlink")
+    raw.open(2, "fs.walk", path=str(root))
+    files: dict[str, Any] = {}
+    dirs: list[str] = []
+    while True:
+        kind, payload = raw.next(2)
+        assert len(payload) <= p.MAX_PAYLOAD
+        if kind == K.RESULT:
+            assert json.loads(payload)["count"] == len(names)
+            break
+        assert kind == K.EVENT, (kind, payload)
+        batch = json.loads(payload)
+        files.update(batch["files"])
+        dirs.extend(batch["dirs"])
+    rel = deep.relative_to(root).as_posix()
+    assert set(files) == {f"{rel}/{n}" for n in names}
+    top = "d" * 5 + letter * width
+    assert sorted(dirs) == sorted([top, f"{top}/{'e' * 5 + letter * width}", rel])
+
+
+def test_command_output_is_held_back_while_the_client_does_not_read(
+        unix_agent: UnixAgent, raw: RawConn) -> None:
+    size = 200 << 20
+    agent_pid = unix_agent.proc.pid
+    raw.open(2, "exec", argv=["head", "-c", str(size), "/dev/zero"])
+    kind, payload = raw.next(2)
+    assert kind == K.EVENT
+    head = int(json.loads(payload)["started"])
+    last: list[int] = [-1]
+    stable: list[int] = [0]
+
+    def writer_stopped() -> bool:  # head blocked in its write: wchar stops moving
+        n = proc_io(head, "wchar")
+        stable[0] = stable[0] + 1 if n == last[0] else 0
+        last[0] = n
+        return n >= size or stable[0] >= 20
+    wait_for(writer_stopped, timeout=30, what="the command to block or finish")
+    assert last[0] < 32 << 20, "the agent read on while its client did not"
+    assert proc_status(agent_pid, "VmRSS") < 80 << 20
+    got = 0
+    while True:
+        kind, payload = raw.next(2)
+        if kind == K.STDOUT:
+            assert payload.count(0) == len(payload)
+            got += len(payload)
+        elif kind == K.RESULT:
+            res = json.loads(payload)
+            break
+        else:
+            raise AssertionError((kind, payload[:200]))
+    assert got == size and res["exit_code"] == 0
+    assert proc_status(agent_pid, "VmHWM") < 80 << 20  # the peak, over the whole run
+    c = unix_agent.connect()
+    assert c.ping()
+    assert_clean_log(unix_agent.log())
+
+
+def test_a_held_back_command_that_times_out_still_finishes(unix_agent: UnixAgent,
+                                                           raw: RawConn) -> None:
+    raw.open(2, "exec", argv=["sh", "-c", "(sleep 60 &); head -c 100M /dev/zero"],
+             timeout=1)
+    kind, payload = raw.next(2)
+    assert kind == K.EVENT
+    sh = int(json.loads(payload)["started"])
+    wait_for(lambda: not alive(sh), timeout=30, what="the timeout to kill the command")
+    got = 0
+    while True:
+        kind, payload = raw.next(2)
+        if kind == K.STDOUT:
+            got += len(payload)
+        elif kind == K.RESULT:
+            res = json.loads(payload)
+            break
+    assert res["timed_out"] and res["exit_code"] == -signal.SIGKILL
+    assert 0 < got < 100 << 20
+
+
+def test_a_background_command_without_a_listener_keeps_a_bounded_tail(
+        unix_agent: UnixAgent) -> None:
+    a = unix_agent.connect()
+    h = a.exec(["sh", "-c", "head -c 20M /dev/zero | tr '\\0' a; echo end"],
+               background=True)
+    assert isinstance(h, ProcessHandle)
+    a.close()
+    b = unix_agent.connect()
+    res = b.call("proc.wait", pid=h.pid, timeout=60)
+    assert res["exit_code"] == 0
+    assert len(res["stdout"]) <= 1 << 20 and res["stdout"].endswith("aend\n")
+
+
+def test_stdin_a_command_does_not_take_is_held_back_in_the_socket(
+        unix_agent: UnixAgent, raw: RawConn) -> None:
+    """A command that never reads its stdin, and a client that pushes 200 MiB of it:
+    the agent stops reading that client instead of keeping it all."""
+    agent_pid = unix_agent.proc.pid
+    raw.open(2, "exec", argv=["sleep", "30"], stdin=True, timeout=3)
+    kind, payload = raw.next(2)
+    assert kind == K.EVENT
+    sleeper = int(json.loads(payload)["started"])
+    frame = p.encode(K.STDIN, 2, bytes(1 << 20))
+    sent = [0]
+
+    def push() -> None:
+        try:
+            for _ in range(200):
+                raw.sock.sendall(frame)
+                sent[0] += 1
+        except OSError:
+            pass
+    raw.sock.settimeout(60)
+    t = threading.Thread(target=push, daemon=True)
+    t.start()
+    last: list[int] = [-1]
+    stable: list[int] = [0]
+
+    def sender_stopped() -> bool:
+        stable[0] = stable[0] + 1 if sent[0] == last[0] else 0
+        last[0] = sent[0]
+        return sent[0] >= 200 or stable[0] >= 20
+    wait_for(sender_stopped, timeout=30, what="the sender to block or finish")
+    assert alive(sleeper) and sent[0] < 64, "the agent took stdin nobody reads"
+    assert proc_status(agent_pid, "VmRSS") < 80 << 20
+    kind, payload = raw.next(2)  # the timeout ends it; the agent reads the client again
+    while kind != K.RESULT:
+        kind, payload = raw.next(2)
+    assert json.loads(payload)["timed_out"]
+    t.join(30)
+    assert sent[0] == 200  # the rest was read (and dropped: the command is gone)
+    raw.open(4, "ping")
+    kind, _ = raw.next(4)
+    assert kind == K.RESULT
+    assert proc_status(agent_pid, "VmHWM") < 80 << 20
+
+
+def open_fds_to(pid: int, path: Path) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == str(path)
+        except FileNotFoundError:
+            pass
+    return n
+
+
+@pytest.mark.parametrize("op", ["fs.read", "fs.hash"])
+def test_a_cancelled_read_or_hash_lets_go_of_its_file(unix_agent: UnixAgent, raw: RawConn,
+                                                      tmp_path: Path, op: str) -> None:
+    f = tmp_path / "big"
+    with open(f, "wb") as out:
+        out.truncate(4 << 30)
+    agent_pid = unix_agent.proc.pid
+    if op == "fs.read":
+        raw.open(2, op, path=str(f))
+        assert raw.next(2)[0] == K.EVENT
+    else:
+        raw.open(2, op, root=str(tmp_path), paths=["big"])
+    wait_for(lambda: open_fds_to(agent_pid, f) == 1, what="the agent to be at it")
+    raw.sock.sendall(p.encode_json(K.SIGNAL, 2, {"cancel": True}))
+    wait_for(lambda: open_fds_to(agent_pid, f) == 0, what="the file to be closed")
+    raw.open(4, "ping")
+    assert raw.next(4)[0] == K.RESULT
+    assert_clean_log(unix_agent.log())
+
+
+def test_wait_for_a_background_command_with_binary_output_answers(
+        client: AgentClient) -> None:
+    """Each NUL byte is six bytes of JSON: the answer keeps the tail that fits a frame."""
+    h = client.exec(["sh", "-c", "head -c 3000000 /dev/zero; echo end"], background=True)
+    assert isinstance(h, ProcessHandle)
+    res = client.call("proc.wait", pid=h.pid, timeout=30)
+    assert res["exit_code"] == 0 and res["truncated"] is True
+    assert res["stdout"].endswith("\0end\n") and len(res["stdout"]) < 1 << 20
+    assert client.call("proc.wait", pid=h.pid)["stdout"] == res["stdout"]  # and again
+
+
+def test_walk_of_a_deep_tree_keeps_few_directories_open(raw: RawConn, unix_agent: UnixAgent,
+                                                         tmp_path: Path) -> None:
+    root = tmp_path / "deep"
+    d = root
+    expected = {}
+    for i in range(300):  # deeper than the agent keeps directories open
+        d = d / "d"
+        d.mkdir(parents=True)
+        (d / f"f{i}").write_bytes(b"x" * i)
+        expected[(d / f"f{i}").relative_to(root).as_posix()] = i
+    (d / "sub").mkdir()
+    os.symlink(str(root), d / "loop")  # a link back up is not followed
+    agent_pid = unix_agent.proc.pid
+    fds_before = len(os.listdir(f"/proc/{agent_pid}/fd"))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.prlimit(agent_pid, resource.RLIMIT_NOFILE, (128, hard))  # < one fd per level
+    raw.open(2, "fs.walk", path=str(root))
+    files: dict[str, Any] = {}
+    dirs: list[str] = []
+    while True:
+        kind, payload = raw.next(2)
+        if kind == K.RESULT:
+            break
+        assert kind == K.EVENT, (kind, payload)
+        batch = json.loads(payload)
+        files.update(batch["files"])
+        dirs.extend(batch["dirs"])
+    assert {k: v[0] for k, v in files.items()} == expected
+    assert len(dirs) == 301
+    assert len(os.listdir(f"/proc/{agent_pid}/fd")) == fds_before
