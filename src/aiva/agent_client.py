@@ -34,6 +34,8 @@ K = p.FrameKind
 OutputCallback = Callable[[str], Any]
 StdinSource = bytes | str | IO[bytes] | Iterable[bytes] | None
 _CLOSED = -1
+#: Seconds any agent call waits for its answer (or its next frame) unless told otherwise.
+DEFAULT_CALL_TIMEOUT = 60.0
 #: Extra time the host waits past a command's own timeout before giving up on the agent.
 TIMEOUT_GRACE = 5.0
 
@@ -264,9 +266,11 @@ def _error_from(kind: int, payload: bytes) -> Exception:
 
 
 class AgentClient:
-    def __init__(self, transport: Transport, *, label: str = "sandbox") -> None:
+    def __init__(self, transport: Transport, *, label: str = "sandbox",
+                 call_timeout: float | None = None) -> None:
         self.transport = transport
         self.label = label
+        self.call_timeout = DEFAULT_CALL_TIMEOUT if call_timeout is None else call_timeout
         self._channels: dict[int, _Channel] = {}
         self._ids = itertools.count(1, 2)
         self._send_lock = threading.Lock()
