@@ -953,7 +953,7 @@ class AgentClient:
         return walk.result(res)
 
     def hash_files(self, root: str, paths: list[str]) -> dict[str, str | None]:
-        timeout = max(600.0, self.call_timeout)  # hashing big files takes the agent a while
+        timeout = 10 * self.call_timeout  # hashing big files takes the agent a while
         return r.hashes(self.call("fs.hash", root=root, paths=paths, timeout=timeout), paths)
 
     def mkdir(self, path: str, *, parents: bool = True) -> None:
