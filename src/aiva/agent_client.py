@@ -702,9 +702,11 @@ class AgentClient:
             raise
 
     def _probe(self) -> None:
-        """Whether the agent still answers (it does while a command runs)."""
+        """Whether the agent still answers (it does while a command runs). It may wait up
+        to twice ``call_timeout``: the reader can be held that long by another call's
+        stalled consumer before that call is cancelled."""
         try:
-            self.ping(timeout=self.call_timeout)
+            self.ping(timeout=2 * self.call_timeout)
         except (CommandTimeout, AgentUnreachable) as exc:
             raise AgentUnreachable(
                 f"the agent in {self.label} sent nothing for {self.call_timeout:g}s and "
