@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import subprocess
 import sys
 import threading
@@ -21,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from aiva import agent_replies as replies
 from aiva import sync
 from aiva.agent import protocol as p
 from aiva.agent_client import AgentClient, ProcessTransport
@@ -403,3 +407,58 @@ def test_frames_for_channels_nobody_opened_are_dropped(tmp_path: Path) -> None:
         assert a.client.ping(timeout=30)["version"] == "1"
         assert a.client.dropped_frames >= 20000
         assert all(ch % 2 == 1 for ch in a.client._channels)
+
+
+# --------------------------------------------------------------------------- any reply at all
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+PATHS = st.lists(st.sampled_from(["a", "b", "..", ".", "", "/", "\\", "\0", "x" * 300]),
+                 max_size=6).map("/".join) | st.text(max_size=20)
+
+
+@given(PATHS)
+@settings(max_examples=300, deadline=None)
+def test_an_accepted_walk_path_stays_below_its_root(rel: str) -> None:
+    try:
+        out = replies.rel_path(rel, "walk")
+    except ProtocolError:
+        return
+    joined = posixpath.normpath(posixpath.join("/root", out))
+    assert joined.startswith("/root/") and ".." not in out.split("/")
+    assert "\0" not in out and not out.startswith("/")
+
+
+@given(st.lists(st.dictionaries(st.sampled_from(["files", "dirs", "x"]),
+                                JSON | st.dictionaries(PATHS, JSON, max_size=4)
+                                | st.lists(PATHS, max_size=4), max_size=3), max_size=4),
+       JSON)
+@settings(max_examples=300, deadline=None)
+def test_any_walk_reply_is_a_walk_or_a_protocol_error(batches: list[Any], end: Any) -> None:
+    walk = replies.WalkCollector(1000)
+    try:
+        for b in batches:
+            walk.batch(b)
+        files, dirs = walk.result(end if isinstance(end, dict) else {"count": end})
+    except ProtocolError:
+        return
+    for rel in [*files, *dirs]:
+        assert replies.rel_path(rel, "walk") == rel
+    assert all(len(v) == 3 and 0 <= v[2] <= 0o7777 for v in files.values())
+
+
+@given(JSON)
+@settings(max_examples=300, deadline=None)
+def test_any_reply_to_any_call_is_typed_or_a_protocol_error(reply: Any) -> None:
+    obj = reply if isinstance(reply, dict) else {"value": reply}
+    checks = [replies.started, replies.exec_result, replies.wait_result, replies.file_meta,
+              replies.stat_entry, lambda o: replies.entries(o, 10), replies.written,
+              replies.ping, replies.metrics, replies.error,
+              lambda o: replies.hashes(o, ["a"])]
+    for check in checks:
+        try:
+            check(obj)
+        except ProtocolError:
+            pass
