@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
@@ -301,6 +302,17 @@ class _Channel:
     def __init__(self, id: int, cap: int = DEFAULT_CHANNEL_BUFFER) -> None:
         self.id = id
         self.q = _ChannelQueue(cap)
+        self.in_callback = False  # its consumer is busy in the caller's own code
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """While the caller's callback runs (e.g. writing output to a pipe nobody reads
+        yet), a full queue waits for it: the host is slow, not the agent."""
+        self.in_callback = True
+        try:
+            yield
+        finally:
+            self.in_callback = False
 
 
 class OutputBuffer:
@@ -432,7 +444,8 @@ class ProcessHandle:
             while not self._done.is_set():
                 # no deadline of its own: it may run for days; a dead agent still ends it
                 kind, payload = self.client._next(chan, None)
-                self._on_frame(kind, payload)
+                with chan.busy():
+                    self._on_frame(kind, payload)
         except AivaError as exc:
             self._error = exc
             self._done.set()
@@ -614,10 +627,12 @@ class AgentClient:
             return
         if kind in (K.RESULT, K.ERROR):
             self._channels.pop(chan, None)
-        if not ch.q.put((kind, payload), timeout=self.call_timeout):
-            self._cancel(ch, (_STALLED, (
-                f"the reader of a call to {self.label} took nothing for "
-                f"{self.call_timeout:g}s; the call was cancelled").encode()))
+        while not ch.q.put((kind, payload), timeout=self.call_timeout):
+            if not ch.in_callback:  # nobody takes from it: a held, abandoned stream
+                self._cancel(ch, (_STALLED, (
+                    f"the reader of a call to {self.label} took nothing for "
+                    f"{self.call_timeout:g}s; the call was cancelled").encode()))
+                return
 
     def _cancel(self, ch: _Channel, last: tuple[int, bytes] | None = None) -> None:
         """Forget a channel; if the agent still serves it, tell it to stop (from another
@@ -740,7 +755,8 @@ class AgentClient:
                     raise _error_from(kind, payload)
                 if on_frame is None:
                     raise r.fail(what, f"frame kind {kind} where a result belongs")
-                on_frame(kind, payload)
+                with ch.busy():
+                    on_frame(kind, payload)
             except BaseException:
                 self._cancel(ch)
                 raise

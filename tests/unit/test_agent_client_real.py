@@ -168,6 +168,27 @@ def test_a_stalled_reader_is_cancelled_after_the_call_timeout(agent: Agent, big:
             pass
 
 
+def test_a_slow_callback_is_waited_for_not_cancelled(agent: Agent) -> None:
+    """A consumer busy in its own callback (output to a pipe nobody reads yet) slows the
+    command down; it is the host being slow, not the agent, so nothing is cancelled."""
+    client = agent.connect(channel_buffer=MB, call_timeout=0.5)
+    seen = [0]
+    stalled = threading.Event()
+
+    def on_bytes(_kind: int, data: bytes) -> None:
+        seen[0] += len(data)
+        if not stalled.is_set():
+            ch = only_channel(client)
+            wait_for(lambda: ch.q.queued >= MB // 2, what="the queue to fill")
+            time.sleep(4 * client.call_timeout)  # the slow consumer this test is about
+            stalled.set()
+
+    res = client.exec(["head", "-c", str(8 * MB), "/dev/zero"], on_bytes=on_bytes,
+                      keep_output=False)
+    assert isinstance(res, ExecResult) and res.exit_code == 0 and stalled.is_set()
+    assert seen[0] == 8 * MB
+
+
 # --------------------------------------------------------------------------- cancel
 
 
