@@ -874,6 +874,10 @@ class AgentClient:
     def signal(self, pid: int, signal: int) -> None:
         self.call("proc.kill", pid=pid, signal=signal)
 
+    def processes(self) -> list[dict[str, Any]]:
+        """The processes the agent knows: ``pid``, ``exit_code`` (None while running)."""
+        return r.processes(self.call("proc.list"), self.walk_entries)
+
     def wait_process(self, pid: int, *, timeout: float | None = None) -> ExecResult:
         """Ask the agent for a background process's end and the output it kept."""
         res = r.wait_result(self.call("proc.wait", pid=pid, timeout=timeout))

@@ -108,6 +108,26 @@ def wait_result(obj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def processes(obj: dict[str, Any], max_entries: int) -> list[dict[str, Any]]:
+    """proc.list: pid and exit_code (None while running) of each process the agent knows."""
+    what = "process list"
+    items = obj.get("procs")
+    if not isinstance(items, list) or len(items) > max_entries:
+        raise fail(what, f"'procs' must be a list of at most {max_entries} processes")
+    out = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise fail(what, f"an entry must be an object, not {_show(item)}")
+        code = item.get("exit_code")
+        out.append({
+            "pid": integer(item, "pid", what, lo=1, hi=MAX_PID),
+            "exit_code": None if code is None else integer(item, "exit_code", what,
+                                                           lo=-255, hi=255),
+            "background": bool(item.get("background")),
+        })
+    return out
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -159,6 +159,13 @@ def test_bad_error_reports_are_protocol_errors(tmp_path: Path, payload: Any) -> 
         a.client.stat("/x")
 
 
+@pytest.mark.parametrize("procs", ["x", [5], [{"pid": "1"}], [{"pid": 1, "exit_code": "0"}]])
+def test_process_lists_are_checked(tmp_path: Path, procs: Any) -> None:
+    with (liar(tmp_path, {"proc.list": [[K.RESULT, {"procs": procs}]]}) as a,
+          pytest.raises(ProtocolError)):
+        a.client.processes()
+
+
 def test_a_good_error_report_is_the_remote_error(tmp_path: Path) -> None:
     with (liar(tmp_path, {"fs.stat": [[K.ERROR, {"kind": "FileNotFoundError",
                                                  "message": "gone"}]]}) as a,
@@ -456,7 +463,7 @@ def test_any_reply_to_any_call_is_typed_or_a_protocol_error(reply: Any) -> None:
     checks = [replies.started, replies.exec_result, replies.wait_result, replies.file_meta,
               replies.stat_entry, lambda o: replies.entries(o, 10), replies.written,
               replies.ping, replies.metrics, replies.error,
-              lambda o: replies.hashes(o, ["a"])]
+              lambda o: replies.hashes(o, ["a"]), lambda o: replies.processes(o, 10)]
     for check in checks:
         try:
             check(obj)
