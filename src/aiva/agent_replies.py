@@ -335,4 +335,7 @@ def error(obj: dict[str, Any]) -> tuple[str, str]:
         raise fail(what, f"'kind' = {_show(kind)} is not an exception name")
     if not isinstance(message, str):
         raise fail(what, f"'message' must be a string, not {_show(message)}")
-    return kind, message[:MAX_ERROR_TEXT]
+    # shown to a person: no escape sequences that could dress up or hide a terminal line
+    message = "".join(c if c.isprintable() or c in "\n\t" else "?"
+                      for c in message[:MAX_ERROR_TEXT])
+    return kind, message

@@ -173,6 +173,14 @@ def test_a_good_error_report_is_the_remote_error(tmp_path: Path) -> None:
         a.client.stat("/x")
 
 
+def test_an_error_message_reaches_the_user_without_escapes_and_bounded(tmp_path: Path) -> None:
+    message = "\x1b[2J\x1b[31mfake prompt$ " + "x" * 10000
+    with (liar(tmp_path, {"fs.stat": [[K.ERROR, {"kind": "OSError", "message": message}]]}) as a,
+          pytest.raises(AivaError) as err):
+        a.client.stat("/x")
+    assert "\x1b" not in str(err.value) and len(str(err.value)) <= 4096
+
+
 def test_a_result_that_is_not_json_is_a_protocol_error(tmp_path: Path) -> None:
     with (liar(tmp_path, {"fs.mkdir": [[K.RESULT, {"raw": "\xff{"}]]}) as a,
           pytest.raises(ProtocolError, match="not valid JSON")):
