@@ -207,6 +207,18 @@ class PoolSettings(_Section):
     templates: dict[str, PoolTemplate] = Field(default_factory=dict)  # kept warm always
 
 
+class Limits(_Section):
+    """Bounds on what one sandbox's agent can make the host hold or wait for: the agent
+    is untrusted, so every wait has a deadline and every buffer a cap."""
+
+    call_timeout: float = Field(default=60.0, gt=0)  # s an agent call waits for its answer
+    exec_output: Size = "16MiB"  # output kept in memory per stream per command; rest cut
+    channel_buffer: Size = "8MiB"  # bytes queued per agent channel before backpressure
+    command_log: Size = "8MiB"  # output per command kept in commands.jsonl
+    log_read: Size = "64MiB"  # max bytes read from a sandbox-writable log per request
+    walk_entries: int = Field(default=1_000_000, gt=0)  # files+dirs one fs.walk may return
+
+
 class Config(_Section):
     version: str = "1.0"
     defaults: Defaults = Defaults()
@@ -217,6 +229,7 @@ class Config(_Section):
     mcp: McpSettings = McpSettings()
     tasks: TaskSettings = TaskSettings()
     pool: PoolSettings = PoolSettings()
+    limits: Limits = Limits()
     profiles: dict[str, Profile] = Field(default_factory=lambda: dict(PROFILES))
 
     def profile(self, name: str | None = None) -> Profile:

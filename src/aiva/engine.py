@@ -472,7 +472,11 @@ class Engine:
             client = self._agents.get(sb.id)
             if client is None or client.closed:
                 transport = self._backend_of(sb).connect_agent(sb, timeout=5)
-                client = AgentClient(transport, label=sb.name)
+                lim = self.config.limits
+                client = AgentClient(transport, label=sb.name, call_timeout=lim.call_timeout,
+                                     channel_buffer=parse_size(lim.channel_buffer),
+                                     exec_output=parse_size(lim.exec_output),
+                                     walk_entries=lim.walk_entries)
                 self._agents[sb.id] = client
             return client
 
@@ -504,10 +508,13 @@ class Engine:
         background: bool = False,
         on_bytes: Callable[[int, bytes], None] | None = None,
         keep_output: bool = True,
+        stop: threading.Event | None = None,
     ) -> ExecResult | ProcessHandle:
         """Run a command in the sandbox; a string runs through ``/bin/sh -c``.
         ``on_bytes(kind, data)`` gets the raw output (``FrameKind.STDOUT`` or ``STDERR``);
-        ``keep_output=False`` keeps none of it in the result (for endless streams)."""
+        ``keep_output=False`` keeps none of it in the result (for endless streams); the
+        result keeps at most ``limits.exec_output`` bytes a stream (``truncated`` says so).
+        ``stop`` set ends a foreground command (its caller went away)."""
         sb = self.get(name)
         check_action(name, sb.state, "use")
         argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
@@ -533,6 +540,7 @@ class Engine:
             on_bytes=log_bytes,
             background=background,
             keep_output=keep_output,
+            stop=stop,
         )
         if isinstance(result, ExecResult):
             log.write(cmd_id, "exit", str(result.exit_code))

@@ -46,11 +46,10 @@ def stop(engine: Engine, sb: SandboxInfo, signal: int = 15) -> None:
 def _exit_code(engine: Engine, name: str, pid: int) -> int | str | None:
     """The exit code, None while it runs, or "unknown" if the agent no longer knows it
     (the sandbox was restarted outside aiva: treat it as gone)."""
-    procs = engine.agent(name).call("proc.list").get("procs", [])
-    for p in procs:
-        if int(p.get("pid", -1)) == pid:
-            code = p.get("exit_code")
-            return None if code is None else int(code)
+    for p in engine.agent(name).processes():
+        if p["pid"] == pid:
+            code: int | None = p["exit_code"]
+            return code
     return "unknown"
 
 

@@ -23,8 +23,15 @@ from urllib.parse import quote
 import httpx
 
 from aiva.agent.protocol import FrameKind
-from aiva.agent_client import ExecResult, OutputCallback, ProcessHandle, StdinSource
+from aiva.agent_client import (
+    ExecResult,
+    OutputBuffer,
+    OutputCallback,
+    ProcessHandle,
+    StdinSource,
+)
 from aiva.backends.base import Backend, LogLine
+from aiva.config import load_config, parse_size
 from aiva.daemon import wire
 from aiva.daemon.transport import (
     CHUNK,
@@ -35,7 +42,7 @@ from aiva.daemon.transport import (
     stdin_fields,
 )
 from aiva.desktop import DesktopInfo
-from aiva.errors import BackendUnavailable, InvalidValue, SandboxNotFound
+from aiva.errors import AgentError, BackendUnavailable, InvalidValue, SandboxNotFound
 from aiva.metrics import SandboxMetrics
 from aiva.models import (
     Event,
@@ -225,10 +232,12 @@ class RemoteEngine:
         background: bool = False,
         on_bytes: Callable[[int, bytes], None] | None = None,
         keep_output: bool = True,
+        stop: threading.Event | None = None,
     ) -> ExecResult | ProcessHandle:
         """Run a command through the daemon; output reaches the callbacks as it comes.
         A file or iterable ``stdin`` is read to its end before the command starts. A
-        background command's output is not streamed (``wait`` returns what was kept)."""
+        background command's output is not streamed (``wait`` returns what was kept).
+        ``stop``, looked at as output comes, hangs up: the daemon then ends the command."""
         req: dict[str, Any] = {
             "command": command if isinstance(command, str) else list(command),
             "env": env, "cwd": cwd, "user": user, "timeout": timeout,
@@ -237,19 +246,23 @@ class RemoteEngine:
         if background:
             pid = int(self._api.call("POST", path, json=req)["pid"])
             return RemoteProcess(self._api, name, pid)
-        parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        cap = parse_size(load_config().limits.exec_output)
+        parts = {key: OutputBuffer(cap, key) for key in ("stdout", "stderr")}
         callbacks = {"stdout": on_stdout, "stderr": on_stderr}
         with self._api.stream("POST", path, json=req) as r:
             for event in self._api.events(r):
+                if stop is not None and stop.is_set():
+                    raise AgentError("the command was cancelled: its caller went away")
                 if "exit" in event:
                     x = event["exit"]
-                    return ExecResult(int(x["exit_code"]), "".join(parts["stdout"]),
-                                      "".join(parts["stderr"]), float(x["duration"]),
-                                      int(x["pid"]), bool(x["timed_out"]))
+                    return ExecResult(int(x["exit_code"]), parts["stdout"].text(),
+                                      parts["stderr"].text(), float(x["duration"]),
+                                      int(x["pid"]), bool(x["timed_out"]),
+                                      truncated=any(b.truncated for b in parts.values()))
                 for key in ("stdout", "stderr"):
                     if key in event:
                         if keep_output:
-                            parts[key].append(event[key])
+                            parts[key].add(str(event[key]).encode("utf-8", "surrogateescape"))
                         cb = callbacks[key]
                         if cb is not None:
                             cb(event[key])

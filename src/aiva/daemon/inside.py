@@ -56,6 +56,13 @@ async def _ndjson(stream: ThreadStream, done: Callable[[Any], Any] | None = None
             yield wire.line(wire.error_body(value))
 
 
+def _close(it: Iterator[Any]) -> None:
+    """Close an iterator that holds something open (an agent channel, a followed file)."""
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
 def _procs(request: Request) -> dict[tuple[str, int], ProcessHandle]:
     procs: dict[tuple[str, int], ProcessHandle] = request.app.state.procs
     return procs
@@ -99,9 +106,10 @@ async def exec_(name: str, req: ExecRequest, request: Request, eng: Engine = Eng
         procs[(name, handle.pid)] = handle
         return JSONResponse({"pid": handle.pid}, status_code=201)
     stream = ThreadStream()
+    # the client gone (stream.stopped) cancels the command on the agent, output or none
     stream.start(lambda: eng.exec(
         name, req.command, on_stdout=lambda text: stream.emit({"stdout": text}),
-        on_stderr=lambda text: stream.emit({"stderr": text}), **kw))
+        on_stderr=lambda text: stream.emit({"stderr": text}), stop=stream.stopped, **kw))
     return StreamingResponse(_ndjson(stream, lambda res: {"exit": wire.exec_exit(res)}),
                              media_type=wire.NDJSON)
 
@@ -123,9 +131,7 @@ async def proc_wait(name: str, pid: int, request: Request, timeout: float | None
         return wire.exec_result(await run_sync(handle.wait, timeout))
 
     def agent_wait() -> ExecResult:  # started before a daemon restart: ask the agent
-        res = eng.agent(name).call("proc.wait", pid=pid, timeout=timeout)
-        return ExecResult(res["exit_code"], res["stdout"], res["stderr"], res["duration"],
-                          res["pid"], res["timed_out"])
+        return eng.agent(name).wait_process(pid, timeout=timeout)
 
     return wire.exec_result(await run_sync(agent_wait))
 
@@ -168,12 +174,15 @@ class SyncRequest(CopyRequest):
 async def read_file(name: str, path: str, eng: Engine = Eng) -> Response:
     """The file's bytes, streamed; its stat is in the ``X-Aiva-Stat`` header (JSON)."""
     meta, chunks = await run_sync(eng.read_stream, name, path)
-    stream = ThreadStream(maxsize=8)
+    stream = ThreadStream(maxsize=8)  # at most 8 chunks (1 MiB each) wait for the client
 
     def pump() -> None:
-        for chunk in chunks:
-            if not stream.emit(chunk):
-                return
+        try:
+            for chunk in chunks:
+                if not stream.emit(chunk):
+                    return  # the client has gone
+        finally:
+            _close(chunks)  # an unfinished read is cancelled on the agent
 
     stream.start(pump)
 
@@ -272,9 +281,12 @@ async def follow_logs(name: str, eng: Engine = Eng) -> StreamingResponse:
     stream = ThreadStream()
 
     def pump(lines: Iterator[LogLine]) -> None:
-        for line in lines:  # returns (and closes the source) once the client has gone
-            if not stream.emit(wire.log_line(line)):
-                return
+        try:
+            for line in lines:
+                if not stream.emit(wire.log_line(line)):
+                    return  # the client has gone
+        finally:
+            _close(lines)
 
     for source in sources:
         stream.spawn(functools.partial(pump, source))
