@@ -133,6 +133,15 @@ class SandboxFileExists(RemoteError, FileExistsError):
     pass
 
 
+class SandboxFileUnsupported(RemoteError):
+    """Not a regular file (a FIFO, a device, a socket): the agent streams none of those."""
+
+    def __init__(self, message: str, *, kind: str = "UnsupportedFileType",
+                 hint: str | None = None) -> None:
+        super().__init__(message, kind=kind, hint=hint or "only regular files are read or "
+                         "copied; copy what it points to into a file first")
+
+
 class CommandTimeout(AivaError, TimeoutError):
     recoverable = True
 
@@ -173,5 +182,6 @@ def remote_error(kind: str, message: str) -> RemoteError:
         "NotADirectoryError": SandboxFileNotFound,
         "PermissionError": SandboxPermissionError,
         "FileExistsError": SandboxFileExists,
+        "UnsupportedFileType": SandboxFileUnsupported,
     }.get(kind, RemoteError)
     return cls(message, kind=kind)

@@ -55,3 +55,11 @@ def test_the_engine_connects_with_the_configured_limits(tmp_path: Path) -> None:
             client.close()
         eng.close()
         proc.wait(timeout=10)
+
+
+def test_a_non_regular_file_is_its_own_error_with_a_hint() -> None:
+    from aiva.errors import RemoteError, SandboxFileUnsupported, remote_error
+
+    err = remote_error("UnsupportedFileType", "/tmp/p is a FIFO, not a regular file")
+    assert isinstance(err, SandboxFileUnsupported) and isinstance(err, RemoteError)
+    assert err.kind == "UnsupportedFileType" and "regular files" in (err.hint or "")
