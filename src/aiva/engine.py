@@ -602,7 +602,9 @@ class Engine:
         exclude: list[str] | None = None,
         prefer: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        litter: bool = False,
     ) -> sync.SyncReport:
+        """``litter``: also carry build litter (``sync.LITTER``: __pycache__, *.pyc ...)."""
         sb = self.get(name)
         client = self.agent(name)
         remote = self._abspath(sb, remote)
@@ -610,6 +612,7 @@ class Engine:
             client, Path(local), remote, direction=direction,  # type: ignore[arg-type]
             delete=delete, exclude=list(exclude or []), prefer=prefer,  # type: ignore[arg-type]
             state_file=paths.sync_state(sb.id, Path(local), remote), progress=progress,
+            litter=litter,
         )
         self._record("files_synced", sb, local=str(local), remote=remote,
                      direction=direction, **_counts(report))

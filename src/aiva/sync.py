@@ -80,6 +80,17 @@ class SyncReport:
                 f"in {self.duration:.2f}s")
         return ("dry run: " + text) if self.dry_run else text
 
+    def crossings(self, limit: int = 5) -> list[str]:
+        """What crossed, one line per direction: ``to the sandbox: a.py, b.py (+3 more)``."""
+        lines = []
+        for label, names in (("to the sandbox", self.pushed), ("to this machine", self.pulled),
+                             ("deleted here", self.deleted_local),
+                             ("deleted in the sandbox", self.deleted_remote)):
+            if names:
+                more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+                lines.append(f"{label}: {', '.join(names[:limit])}{more}")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -113,9 +124,17 @@ class _Filter:
             self.spec.match_file(rel)
 
 
+#: Build litter no project wants carried either way: excluded unless ``litter=True`` (or a
+#: ``!pattern`` in .gitignore or the excludes brings a name back).
+LITTER = ("__pycache__/", "*.py[cod]", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/",
+          ".hypothesis/", ".tox/", ".nox/", ".coverage", ".coverage.*", "*.egg-info/",
+          ".ipynb_checkpoints/", ".DS_Store")
+
+
 def _make_filter(root: Path, dest: DestDir | None, exclude: Iterable[str],
-                 state_file: Path | None) -> _Filter:
-    lines = _read_gitignore(dest) if dest is not None else []
+                 state_file: Path | None, *, litter: bool = False) -> _Filter:
+    lines = [] if litter else list(LITTER)  # first: the project's own rules may undo them
+    lines += _read_gitignore(dest) if dest is not None else []
     lines += exclude  # last, so a "!pattern" in .gitignore cannot undo an explicit exclude
     skip: set[str] = set()
     if state_file is not None:
@@ -441,12 +460,16 @@ def _equal_content(client: AgentClient, local: DestDir | None, remote: str, rels
 def sync(client: AgentClient, local: Path | str, remote: str, *,
          direction: Direction = "both", delete: bool = False, exclude: Iterable[str] = (),
          prefer: Prefer | None = None, state_file: Path | None = None,
-         progress: Progress | None = None, dry_run: bool = False) -> SyncReport:
+         progress: Progress | None = None, dry_run: bool = False,
+         litter: bool = False) -> SyncReport:
     """Bring ``local`` and the sandbox's ``remote`` directory in line; see the module doc.
 
     Conflicts (changed on both sides, content differs) are reported and left alone unless
-    ``prefer`` picks a winner. A missing root is treated as a first sync, never as "every
-    file was deleted". With ``dry_run`` nothing changes and the byte counts are planned ones.
+    ``prefer`` picks a winner. A missing remote root is treated as a first sync, never as
+    "every file was deleted"; a missing local one is an error unless pulling (a mistyped
+    path must not make empty directories on both sides). Build litter (``LITTER``) stays
+    where it is unless ``litter``. With ``dry_run`` nothing changes and the byte counts
+    are planned ones.
     """
     started = time.monotonic()
     if direction not in ("both", "push", "pull") or prefer not in (None, "local", "remote",
@@ -459,10 +482,14 @@ def sync(client: AgentClient, local: Path | str, remote: str, *,
     if direction == "push" and not root.is_dir():
         raise SyncError(f"nothing to push: local directory {root} does not exist",
                         hint="check the path, or pull into it first")
+    if direction == "both" and not root.is_dir():
+        raise SyncError(f"local directory {root} does not exist",
+                        hint="check the path; to copy the sandbox's directory here, use "
+                             "`aiva data NAME pull REMOTE LOCAL`")
     base = _load_state(state_file, root, remote)
     with contextlib.ExitStack() as stack:
         dest = stack.enter_context(DestDir(root)) if root.is_dir() else None
-        flt = _make_filter(root, dest, exclude, state_file)
+        flt = _make_filter(root, dest, exclude, state_file, litter=litter)
         local_files = _scan_local(dest, flt) if dest is not None else None
         remote_files = _scan_remote(client, remote, flt)
         if remote_files is None and direction == "pull":
@@ -520,15 +547,17 @@ def _same_entry(loc: Stat, rem: Stat, b: dict[str, Any] | None, sha: str | None
 
 def push(client: AgentClient, local: Path | str, remote: str, *, delete: bool = False,
          exclude: Iterable[str] = (), state_file: Path | None = None,
-         progress: Progress | None = None, dry_run: bool = False) -> SyncReport:
+         progress: Progress | None = None, dry_run: bool = False,
+         litter: bool = False) -> SyncReport:
     """Make ``remote`` match ``local`` (only changed files cross)."""
     return sync(client, local, remote, direction="push", delete=delete, exclude=exclude,
-                state_file=state_file, progress=progress, dry_run=dry_run)
+                state_file=state_file, progress=progress, dry_run=dry_run, litter=litter)
 
 
 def pull(client: AgentClient, local: Path | str, remote: str, *, delete: bool = False,
          exclude: Iterable[str] = (), state_file: Path | None = None,
-         progress: Progress | None = None, dry_run: bool = False) -> SyncReport:
+         progress: Progress | None = None, dry_run: bool = False,
+         litter: bool = False) -> SyncReport:
     """Make ``local`` match ``remote`` (only changed files cross)."""
     return sync(client, local, remote, direction="pull", delete=delete, exclude=exclude,
-                state_file=state_file, progress=progress, dry_run=dry_run)
+                state_file=state_file, progress=progress, dry_run=dry_run, litter=litter)

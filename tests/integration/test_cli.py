@@ -241,3 +241,27 @@ def test_exec_options_after_the_name(python_image: str, names: list[str]) -> Non
     assert "-- CMD" in r.stderr
     logs = aiva("logs", name).stdout
     assert "sh -c 'pwd; echo $WHO'" in logs and "--cwd" not in logs
+
+
+def test_data_sync_mistakes_and_litter(python_image: str, names: list[str],
+                                       tmp_path: Path) -> None:
+    name = _name(names)
+    assert aiva("start", name).returncode == 0
+    r = subprocess.run([*AIVA, "data", name, "sync", "./nope", "/workspace/x"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert_clean_error(r, 1, "does not exist")
+    assert not (tmp_path / "nope").exists()
+    assert aiva("exec", name, "--", "test", "-e", "/workspace/x").returncode == 1
+    proj = tmp_path / "proj"
+    (proj / "__pycache__").mkdir(parents=True)
+    (proj / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"x")
+    (proj / "m.py").write_text("print(1)\n")
+    r = aiva("data", name, "sync", str(proj), "/workspace/proj")
+    assert r.returncode == 0, r.stderr
+    assert "to the sandbox: m.py" in r.stderr
+    assert aiva("exec", name, "--", "test", "-e", "/workspace/proj/__pycache__").returncode == 1
+    assert aiva("exec", name, "--", "sh", "-c", "cd /workspace/proj && python3 -m pytest "
+                "--version >/dev/null 2>&1; mkdir -p .pytest_cache && touch out.txt"
+                ).returncode == 0
+    r = aiva("data", name, "sync", str(proj), "/workspace/proj")
+    assert "to this machine: out.txt" in r.stderr and not (proj / ".pytest_cache").exists()

@@ -390,9 +390,33 @@ def test_a_missing_root_is_not_read_as_all_deleted(client: AgentClient, local: P
     seed(local)
     sync(client, local, str(remote), state_file=state)
     shutil.rmtree(local)
-    report = sync(client, local, str(remote), state_file=state, delete=True)
+    # a two-way sync from a local directory that is not there is a mistake, not a wish
+    # to delete everything (nor to make empty directories on both sides)
+    with pytest.raises(SyncError, match="does not exist") as err:
+        sync(client, local, str(remote), state_file=state, delete=True)
+    assert "pull" in (err.value.hint or "") and not local.exists()
+    assert len(tree(remote)) == 3
+    report = pull(client, local, str(remote), state_file=state, delete=True)
     assert report.deleted_remote == [] and len(report.pulled) == 3
     assert tree(local) == tree(remote) and len(tree(remote)) == 3
+
+
+def test_build_litter_stays_put_unless_asked_for(client: AgentClient, local: Path,
+                                                 remote: Path) -> None:
+    put(local, "app.py", "x = 1\n")
+    put(local, "__pycache__/app.cpython-311.pyc", "bytecode")
+    put(local, "pkg/mod.pyc", "bytecode")
+    put(remote, ".pytest_cache/v/cache/lastfailed", "{}")
+    put(remote, "pkg/__pycache__/m.pyc", "bytecode")
+    put(remote, "result.json", "{}")
+    report = sync(client, local, str(remote))
+    assert report.pushed == ["app.py"] and report.pulled == ["result.json"]
+    assert not (local / ".pytest_cache").exists() and not (local / "pkg/__pycache__").exists()
+    assert not (remote / "__pycache__").exists() and not (remote / "pkg/mod.pyc").exists()
+    assert report.crossings() == ["to the sandbox: app.py", "to this machine: result.json"]
+    report = sync(client, local, str(remote), litter=True)
+    assert (local / ".pytest_cache/v/cache/lastfailed").exists()
+    assert (remote / "pkg/mod.pyc").exists() and "pkg/mod.pyc" in report.pushed
 
 
 def test_local_failure_is_a_sync_error_naming_the_file(client: AgentClient, local: Path,

@@ -432,16 +432,20 @@ def data(
                        ] = None,
     prefer: Annotated[str | None, typer.Option(
         "--prefer", help="resolve conflicts: local, remote or newer")] = None,
+    litter: Annotated[bool, typer.Option(
+        "--include-litter", help="also carry build litter, which stays put by default: "
+        "__pycache__/, *.pyc, .pytest_cache/, .mypy_cache/, *.egg-info/ ...")] = False,
     fmt: Format = output.Fmt.table,
 ) -> None:
-    """Sync a directory with a sandbox: only changed files cross."""
+    """Sync a directory with a sandbox: only changed files cross (build litter stays)."""
     if operation not in ("sync", "push", "pull"):
         raise InvalidValue(f"unknown data operation '{operation}'", hint="use sync, push or pull")
     local, remote = (second, first) if operation == "pull" else (first, second)
     direction = "both" if operation == "sync" else operation
     with output.transfer_progress() as progress:
         report = _engine().sync(name, local, remote, direction=direction, delete=delete,
-                                exclude=exclude, prefer=prefer, progress=progress)
+                                exclude=exclude, prefer=prefer, progress=progress,
+                                litter=litter)
     output.sync_report(report, fmt)
 
 

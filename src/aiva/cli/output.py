@@ -182,6 +182,8 @@ def sync_report(report: Any, fmt: Fmt) -> None:
         _dump(report.to_dict(), fmt)
         return
     err_console.print(escape(report.summary()), highlight=False, soft_wrap=True)
+    for line in report.crossings():
+        err_console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
     for path in report.conflicts:
         err_console.print(f"[yellow]conflict:[/] {path} changed on both sides; kept both "
                           "(use --prefer local|remote|newer)", highlight=False)
@@ -236,6 +238,12 @@ class LineStatus:
 
 @contextmanager
 def transfer_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on a terminal; elsewhere thinned lines (no bar, no stray newline)."""
+    if not err_console.is_terminal:
+        lines = LineStatus(err_console)
+        yield lambda phase, done, total: lines.update(
+            f"{phase}: {size(done)}" + (f" of {size(total)}" if total else ""))
+        return
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                         TransferSpeedColumn(), console=err_console, transient=True)
     task = progress.add_task("sync", total=None)

@@ -346,10 +346,11 @@ class RemoteEngine:
         exclude: list[str] | None = None,
         prefer: str | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        litter: bool = False,
     ) -> SyncReport:
         req = {"local": os.path.abspath(local), "remote": remote, "direction": direction,
                "delete": delete, "exclude": exclude, "prefer": prefer,
-               "progress": progress is not None}
+               "progress": progress is not None, "litter": litter}
         with self._api.stream("POST", self._api.sb(name, "sync"), json=req) as r:
             for event in self._api.events(r):
                 if "report" in event:

@@ -167,6 +167,7 @@ class SyncRequest(CopyRequest):
     exclude: list[str] | None = None
     prefer: str | None = None
     progress: bool = False
+    litter: bool = False
 
 
 @router.get(SB + "/files/content", tags=["files"],
@@ -260,7 +261,8 @@ async def sync(name: str, req: SyncRequest, eng: Engine = Eng) -> StreamingRespo
 
     stream.start(lambda: eng.sync(
         name, req.local, req.remote, direction=req.direction, delete=req.delete,
-        exclude=req.exclude, prefer=req.prefer, progress=progress if req.progress else None))
+        exclude=req.exclude, prefer=req.prefer, progress=progress if req.progress else None,
+        litter=req.litter))
     return StreamingResponse(_ndjson(stream, lambda rep: {"report": rep.to_dict()}),
                              media_type=wire.NDJSON)
 
