@@ -171,6 +171,8 @@ class McpSettings(_Section):
     # host directories the sync tool may touch (with --allow-dir / --mcp-allow-dir); none:
     # MCP clients reach no host path at all (aiva.mcp.grants)
     allow_dirs: list[HostDir] = Field(default_factory=list)
+    # False: a session sees and changes only the sandboxes it created (aiva.mcp.scope)
+    all_sandboxes: bool = False
 
 
 class TaskSettings(_Section):

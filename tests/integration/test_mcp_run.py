@@ -115,6 +115,16 @@ def test_a_pypi_server_answers_through_the_bridge_and_is_audited(
         assert out.returncode == 0, out.stderr
         rows = [json.loads(x) for x in out.stdout.splitlines()]
         assert any(r["data"].get("tool") == "get_current_time" for r in rows)
+        # no name: the sessions, this one among them (its sandbox already gone)
+        out = subprocess.run([*AIVA, "mcp", "audit", "--format", "json"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        mine = [r for r in json.loads(out.stdout) if r["sandbox"] == name]
+        assert len(mine) == 1 and mine[0]["calls"] >= 3
+        assert mine[0]["tools"] == ["get_current_time"] and mine[0]["errors"] == 0
+        out = subprocess.run([*AIVA, "mcp", "audit"], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "COLUMNS": "200"})
+        assert name in out.stdout and "CALLS" in out.stdout
     finally:
         if engine.exists(name):
             engine.delete(name, volumes=True)

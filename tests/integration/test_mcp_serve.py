@@ -370,3 +370,43 @@ def test_streamable_http_on_the_daemon(daemon_port: int, boxes: list[str]) -> No
 
     with connect() as remote:
         assert not remote.exists(name)
+
+
+def test_a_session_cannot_see_or_destroy_the_users_sandboxes(
+        python_image: str, engine: Any, boxes: list[str]) -> None:
+    """The user's own sandbox, made with the engine (as `aiva start` would): an MCP
+    client over stdio neither lists it nor reaches it with any tool; `--all-sandboxes`
+    lets it see it."""
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    user = f"user-{uuid.uuid4().hex[:6]}"
+    boxes.append(user)
+    engine.create(user, engine.build_spec(cpus=1, memory="256MB"))
+
+    def params(*extra: str) -> Any:
+        return StdioServerParameters(command=sys.executable,
+                                     args=["-m", "aiva.cli.main", "mcp", "serve", *extra],
+                                     env=_server_env())
+
+    async def as_agent() -> dict[str, Any]:
+        async with Client(params(), read_timeout_seconds=TIMEOUT) as client:
+            listed = await _call(client, "sandbox_list")
+            destroy = await client.call_tool("sandbox_destroy", {"sandbox": user},
+                                             read_timeout_seconds=TIMEOUT)
+            run = await client.call_tool("exec", {"sandbox": user, "command": "id"},
+                                         read_timeout_seconds=TIMEOUT)
+            return {"names": [b["name"] for b in listed["sandboxes"]],
+                    "destroy": (destroy.is_error, _text(destroy)),
+                    "exec": run.is_error}
+
+    got = asyncio.run(as_agent())
+    assert user not in got["names"]
+    assert got["destroy"][0] and f"no sandbox named '{user}'" in got["destroy"][1]
+    assert got["exec"] and engine.status(user).state.value == "running"
+
+    async def widened() -> list[str]:
+        async with Client(params("--all-sandboxes"), read_timeout_seconds=TIMEOUT) as client:
+            return [b["name"] for b in (await _call(client, "sandbox_list"))["sandboxes"]]
+
+    assert user in asyncio.run(widened())

@@ -21,6 +21,8 @@ from aiva.engine import Engine
 from aiva.errors import InvalidTransition, InvalidValue, SandboxNotFound
 from aiva.mcp.grants import Grants
 from aiva.mcp.limits import Limits
+from aiva.mcp.scope import LABEL as SESSION_LABEL
+from aiva.mcp.scope import Scope
 from aiva.models import PortSpec, SandboxInfo, SandboxSpec, State
 from aiva.sync import SyncReport
 
@@ -74,16 +76,64 @@ class FakeEngine:
                 LogLine(t, "exit", "0")][-(tail or 3):]
 
 
-def _run(engine: FakeEngine, limits: Limits, steps: Any, grants: Grants | None = None) -> Any:
+def _run(engine: FakeEngine, limits: Limits, steps: Any, grants: Grants | None = None,
+         scope: Scope | None = None) -> Any:
+    """The official client against a server over ``engine``; the fake's ``box`` belongs
+    to the client's session (as if it had made it) unless ``scope`` is given."""
     from mcp import Client
 
     from aiva.mcp.server import build_server
 
+    if scope is None:
+        scope = Scope()
+        engine.box.spec.labels[SESSION_LABEL] = scope.fallback  # the first session's id
+
     async def go() -> Any:
-        async with Client(build_server(engine, limits, grants)) as client:  # type: ignore[arg-type]
+        async with Client(build_server(engine, limits, grants,  # type: ignore[arg-type]
+                                       scope)) as client:
             return await steps(client)
 
     return asyncio.run(go())
+
+
+def test_a_session_sees_and_changes_only_its_own_sandboxes() -> None:
+    """The user's own sandbox (no session label) is invisible to an MCP session: not
+    listed, and every tool naming it answers as for a missing one; --all-sandboxes
+    widens that."""
+    eng = FakeEngine()
+    eng.list_all = lambda: [eng.box]  # type: ignore[attr-defined]
+    eng.delete = lambda *a, **k: eng.calls.append(("delete", a, k))  # type: ignore[attr-defined]
+
+    async def steps(client: Any) -> Any:
+        listed = await client.call_tool("sandbox_list", {})
+        out = {"list": listed.structured_content["sandboxes"]}
+        for tool, args in (("sandbox_destroy", {}), ("exec", {"command": "true"}),
+                           ("file_read", {"path": "big.txt"}), ("sandbox_status", {})):
+            res = await client.call_tool(tool, {"sandbox": "box", **args})
+            out[tool] = (res.is_error, res.structured_content["error"]["message"]
+                         if res.is_error else None)
+        return out
+
+    got = _run(eng, Limits(), steps, scope=Scope())  # box has no session label: the user's
+    assert got["list"] == []
+    for tool in ("sandbox_destroy", "exec", "file_read", "sandbox_status"):
+        assert got[tool] == (True, "no sandbox named 'box'"), tool
+    assert not [c for c in eng.calls if c[0] in ("delete", "exec")]
+    wide = _run(eng, Limits(), steps, scope=Scope(all_sandboxes=True))
+    assert [b["name"] for b in wide["list"]] == ["box"] and wide["exec"] == (False, None)
+
+
+def test_a_sandbox_made_in_a_session_carries_its_label() -> None:
+    eng = FakeEngine()
+
+    async def steps(client: Any) -> Any:
+        return await client.call_tool("sandbox_create", {"name": "mine"})
+
+    scope = Scope()
+    res = _run(eng, Limits(), steps, scope=scope)
+    assert not res.is_error
+    kw = next(c[2] for c in eng.calls if c[0] == "build_spec")
+    assert kw["labels"] == {SESSION_LABEL: scope.fallback}
 
 
 def test_exec_is_a_thin_call_with_the_budget_and_timeout_applied() -> None:
@@ -116,7 +166,8 @@ def test_errors_are_tool_errors_with_hints() -> None:
     assert "sandbox_list" in missing.structured_content["error"]["hint"]
     assert paused.is_error
     assert paused.content[0].text == ("InvalidTransition: cannot use sandbox 'box': it is "
-                                      "paused\nhint: resume it with `aiva resume`")
+                                      "paused\nhint: resume it with `aiva resume` (a command "
+                                      "for the user, not a tool)")
     assert empty.is_error and "empty" in empty.content[0].text
 
 
@@ -257,3 +308,37 @@ def test_sandbox_create_checks_the_name_and_returns_the_warnings() -> None:
     assert [c[1] for c in eng.calls if c[0] == "create"] == [("fine",)]
     assert not good.is_error
     assert "reachable from the network" in good.structured_content["warnings"][0]
+
+
+def test_hints_name_tools_and_bad_arguments_are_one_line() -> None:
+    from aiva.errors import SandboxFileNotFound
+    from aiva.mcp.server import agent_hint
+
+    assert agent_hint("remove it with `aiva rm mcpbox --volumes`") == \
+        "remove it with the sandbox_destroy tool (sandbox mcpbox)"
+    assert agent_hint("see `aiva logs box`") == "see the resource aiva://sandboxes/box/logs"
+    assert agent_hint("start it with `aiva start box`") == \
+        "start it with `aiva start box` (a command for the user, not a tool)"
+
+    eng = FakeEngine()
+
+    def missing(name: str, path: str) -> Any:
+        raise SandboxFileNotFound(f"No such file or directory: {path}",
+                                  kind="FileNotFoundError")
+
+    eng.read_stream = missing  # type: ignore[method-assign]
+
+    async def steps(client: Any) -> Any:
+        return (await client.call_tool("exec", {"sandbox": "box"}),
+                await client.call_tool("exec", {"sandbox": "box", "command": "ls",
+                                                "timeout": "soon"}),
+                await client.call_tool("file_read", {"sandbox": "box", "path": "nope.txt"}),
+                await client.call_tool("exec", {"sandbox": "box", "command": "paused"}))
+
+    no_arg, bad_arg, no_file, paused = _run(eng, Limits(), steps)
+    assert no_arg.content[0].text == ("InvalidArguments: exec: missing argument 'command'\n"
+                                      "hint: tools/list gives each tool's arguments and their "
+                                      "types")
+    assert "pydantic" not in bad_arg.content[0].text and "'timeout'" in bad_arg.content[0].text
+    assert no_file.structured_content["error"]["hint"] == "file_list shows what a directory holds"
+    assert "a command for the user" in paused.structured_content["error"]["hint"]

@@ -28,12 +28,17 @@ def serve(
         "--allow-dir", help="a host directory the sync tool may read and write (repeat for "
         "more; with config mcp.allow_dirs). None by default: no host path is reachable")
     ] = None,
+    all_sandboxes: Annotated[bool, typer.Option(
+        "--all-sandboxes", help="let the client see and change every sandbox of this "
+        "AIVA_HOME, yours included (default: only those it created; config "
+        "mcp.all_sandboxes)")] = False,
 ) -> None:
     """Serve sandboxes as MCP tools over stdio (for an MCP client's config).
 
     Only protocol goes to stdout; logs go to stderr and AIVA_HOME/aiva.log.
 
-    The client (an agent) reaches host paths only below the --allow-dir directories.
+    The client (an agent) reaches host paths only below the --allow-dir directories,
+    and only the sandboxes it created (unless --all-sandboxes).
 
     While the aiva daemon runs, tool calls go through it.
 
@@ -48,4 +53,4 @@ def serve(
     dirs = [str(d) for d in Grants.resolve(allow_dir or []).dirs]  # a bad one: one line
     from aiva.mcp.server import serve_stdio  # the MCP SDK: imported only here
 
-    serve_stdio(limits, dirs)
+    serve_stdio(limits, dirs, all_sandboxes)

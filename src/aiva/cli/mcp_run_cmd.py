@@ -73,16 +73,23 @@ def run(
 
 
 def audit(
-    name: Annotated[str, typer.Argument(help="the sandbox (also one already destroyed)")],
+    name: Annotated[str | None, typer.Argument(
+        help="the sandbox (also one already destroyed); none: list the sessions")] = None,
     fmt: Annotated[show.EventFmt, typer.Option(
         "--format", "-o", help="table, json, jsonl or yaml")] = show.EventFmt.table,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="then wait for more")] = False,
 ) -> None:
-    """The MCP calls of a sandbox's session: method, tool, arguments, sizes, time, error."""
+    """The MCP calls of a sandbox's session: method, tool, arguments, sizes, time, error.
+    Without a name: every audited session (one per `aiva mcp run` sandbox)."""
     from aiva.cli import observe_cmd
     from aiva.mcp.audit import KIND
 
     engine = observe_cmd._engine()
+    if name is None:
+        if follow:
+            raise InvalidValue("--follow needs a sandbox", hint="aiva mcp audit NAME -f")
+        _sessions([ev for ev in engine.store.events() if ev.kind == KIND], fmt)
+        return
     sandbox_id, keep = observe_cmd._sandbox_filter(engine, name)
     rows = [ev for ev in engine.store.events(sandbox_id=sandbox_id)
             if ev.kind == KIND and keep(ev)]
@@ -104,6 +111,55 @@ def audit(
                     _table([ev], header=False)
                 else:
                     show.event_line(ev, fmt)
+
+
+def _sessions(events: list[Any], fmt: show.EventFmt) -> None:
+    """One row per audited session: its sandbox, when, how many calls, how many failed."""
+    import json
+
+    import yaml
+
+    sessions: dict[str, dict[str, Any]] = {}
+    for ev in events:
+        key = ev.sandbox_id or ev.sandbox or "?"
+        s = sessions.setdefault(key, {"sandbox": ev.sandbox, "sandbox_id": ev.sandbox_id,
+                                      "first": ev.ts, "last": ev.ts, "calls": 0,
+                                      "errors": 0, "tools": set()})
+        s["last"] = ev.ts
+        s["calls"] += 1
+        s["errors"] += bool(ev.data.get("error"))
+        if ev.data.get("tool"):
+            s["tools"].add(str(ev.data["tool"]))
+    rows = [{**s, "first": s["first"].isoformat(), "last": s["last"].isoformat(),
+             "tools": sorted(s["tools"])} for s in sessions.values()]
+    if fmt == show.EventFmt.json:
+        print(json.dumps(rows, indent=2))
+        return
+    if fmt in (show.EventFmt.jsonl,):
+        for row in rows:
+            print(json.dumps(row))
+        return
+    if fmt == show.EventFmt.yaml:
+        print(yaml.safe_dump(rows, sort_keys=False), end="")
+        return
+    if not rows:
+        from aiva.cli.output import err_console
+
+        err_console.print("no MCP sessions audited yet; `aiva mcp run` records each call",
+                          highlight=False)
+        return
+    from rich.table import Table
+
+    from aiva.cli.output import console
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("SANDBOX", "FIRST", "LAST", "CALLS", "ERRORS", "TOOLS"):
+        table.add_column(col, no_wrap=col != "TOOLS")
+    for row in rows:
+        table.add_row(row["sandbox"] or "?", row["first"][:19].replace("T", " "),
+                      row["last"][:19].replace("T", " "), str(row["calls"]),
+                      str(row["errors"]), ", ".join(row["tools"]) or "-")
+    console.print(table)
 
 
 def _table(rows: list[Any], *, header: bool = True) -> None:

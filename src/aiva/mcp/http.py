@@ -74,10 +74,12 @@ class McpEndpoint:
         from mcp.server.transport_security import TransportSecuritySettings
 
         from aiva.mcp.limits import Limits
+        from aiva.mcp.scope import Scope
         from aiva.mcp.server import build_server
 
-        server = build_server(self.engine, Limits.from_settings(self.engine.config.mcp),
-                              self.grants)
+        settings = self.engine.config.mcp
+        server = build_server(self.engine, Limits.from_settings(settings), self.grants,
+                              Scope(all_sandboxes=settings.all_sandboxes))
         server.streamable_http_app(  # makes the server's session manager
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
         manager: StreamableHTTPSessionManager = server.session_manager

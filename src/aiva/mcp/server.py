@@ -15,26 +15,34 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import inspect
 import json
 import logging
 import posixpath
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec
 
-from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import (
+    ResourceError,
+    ResourceNotFoundError,
+    ToolError,
+    UnexpectedToolError,
+)
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from aiva import __version__
 from aiva.agent_client import ExecResult
 from aiva.config import format_size
 from aiva.daemon.bridge import run_sync
-from aiva.errors import AivaError, InvalidValue, SandboxNotFound
+from aiva.errors import AivaError, InvalidValue, SandboxFileNotFound, SandboxNotFound
 from aiva.mcp.grants import Grants
 from aiva.mcp.limits import Limits, clip_output, file_window, window_note
+from aiva.mcp.scope import Scope
 from aiva.models import check_name
 from aiva.spec_rules import spec_warnings
 
@@ -177,13 +185,38 @@ def _result(model: BaseModel, text: str | None = None) -> CallToolResult:
         structured_content=data)
 
 
+#: CLI commands in a hint, and what an agent has instead (it has no shell on the host)
+_TOOL_FOR = [
+    (re.compile(r"`aiva rm ([^`\s]+)[^`]*`"), r"the sandbox_destroy tool (sandbox \1)"),
+    (re.compile(r"`aiva (?:status|inspect) ([^`\s]+)[^`]*`"), r"sandbox_status (sandbox \1)"),
+    (re.compile(r"`aiva ls[^`]*`"), "sandbox_list"),
+    (re.compile(r"`aiva exec ([^`\s]+)[^`]*`"), r"the exec tool (sandbox \1)"),
+    (re.compile(r"`aiva snapshot ([^`\s]+)[^`]*`"), r"snapshot_create (sandbox \1)"),
+    (re.compile(r"`aiva restore ([^`\s]+)[^`]*`"), r"snapshot_restore (sandbox \1)"),
+    (re.compile(r"`aiva (?:cp|data) [^`]*`"), "file_read, file_write or sync"),
+    (re.compile(r"`aiva logs ([^`\s]+)[^`]*`"), r"the resource aiva://sandboxes/\1/logs"),
+]
+
+
+def agent_hint(hint: str | None) -> str | None:
+    """A hint worded for an MCP client: each ``aiva ...`` command it could not run
+    becomes the tool that does the same; one no tool does is marked as the user's."""
+    if not hint:
+        return hint
+    for pattern, tool in _TOOL_FOR:
+        hint = pattern.sub(tool, hint)
+    return re.sub(r"`(aiva [^`]+)`", r"`\1` (a command for the user, not a tool)", hint)
+
+
 def error_result(exc: BaseException) -> CallToolResult:
     """A tool error the agent can act on: the error's kind, message and hint."""
     hint: str | None
     if isinstance(exc, SandboxNotFound):  # its own hint names CLI commands
         message, hint = exc.message, "sandbox_list shows the names; sandbox_create makes one"
+    elif isinstance(exc, SandboxFileNotFound):
+        message, hint = exc.message, "file_list shows what a directory holds"
     elif isinstance(exc, AivaError):
-        message, hint = exc.message, exc.hint
+        message, hint = exc.message, agent_hint(exc.hint)
     elif isinstance(exc, OSError) and exc.strerror:
         message = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
         hint = None
@@ -210,6 +243,66 @@ def _guarded(fn: Callable[P, Awaitable[CallToolResult]]) -> Callable[P, Awaitabl
             return error_result(exc)
 
     return call
+
+
+class _Server(MCPServer):
+    """The SDK's server, with arguments that fail the input schema answered as one line
+    naming the argument (not a raw pydantic dump with a URL)."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Any = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(exc, UnexpectedToolError) or not isinstance(cause, ValidationError):
+                raise
+            return _bad_arguments(name, cause)
+
+
+def _bad_arguments(tool: str, err: ValidationError) -> CallToolResult:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(part) for part in e["loc"]) or "arguments"
+        problems.append(f"missing argument '{where}'" if e["type"] == "missing"
+                        else f"argument '{where}': {e['msg']}")
+    message = f"{tool}: " + "; ".join(problems)
+    hint = "tools/list gives each tool's arguments and their types"
+    return CallToolResult(
+        content=[TextContent(type="text", text=f"InvalidArguments: {message}\nhint: {hint}")],
+        structured_content={"error": {"type": "InvalidArguments", "message": message,
+                                      "hint": hint}},
+        is_error=True)
+
+
+def _with_context(fn: Callable[..., Awaitable[Any]], scope: Scope) -> Callable[..., Any]:
+    """``fn`` with one more keyword parameter, ``ctx: Context``, that the SDK fills in;
+    the call runs with its session as the current one (``Scope.enter``)."""
+    sig = inspect.signature(fn, eval_str=True)  # the SDK reads the annotations from here
+
+    @functools.wraps(fn)
+    async def call(*args: Any, ctx: Context, **kwargs: Any) -> Any:
+        token = scope.enter(scope.session_of(ctx))
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            scope.leave(token)
+
+    param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context)
+    call.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[*sig.parameters.values(), param])
+    call.__annotations__ = {**fn.__annotations__, "ctx": Context}
+    return call
+
+
+def _in_session(fn: Callable[P, Awaitable[CallToolResult]], scope: Scope
+                ) -> Callable[P, Awaitable[CallToolResult]]:
+    return _with_context(fn, scope)
+
+
+def _resource_in_session(scope: Scope) -> Callable[[Callable[..., Awaitable[str]]],
+                                                   Callable[..., Awaitable[str]]]:
+    return lambda fn: _with_context(fn, scope)
 
 
 def sandbox_out(sb: SandboxInfo, cls: type[SandboxOut] = SandboxOut) -> SandboxOut:
@@ -284,13 +377,15 @@ def _exec_text(out: ExecOut) -> str:
 
 
 def build_server(engine: Engine, limits: Limits | None = None,
-                 grants: Grants | None = None) -> MCPServer:
+                 grants: Grants | None = None, scope: Scope | None = None) -> MCPServer:
     """The MCP server over ``engine``: tools, and the logs as resources. ``grants``: the
     host directories the ``sync`` tool may touch (none by default); no other tool
-    touches a host path."""
+    touches a host path. ``scope``: which sandboxes a session reaches (by default only
+    those it created, see :mod:`aiva.mcp.scope`)."""
     lim = limits or Limits()
     allowed = grants or Grants()
-    server: MCPServer = MCPServer(
+    mine = scope or Scope()
+    server: MCPServer = _Server(
         name="aiva", title="aiva sandboxes", version=__version__, instructions=INSTRUCTIONS)
     budget = format_size(lim.max_output)
 
@@ -300,7 +395,7 @@ def build_server(engine: Engine, limits: Limits | None = None,
                            Callable[P, Awaitable[CallToolResult]]]:
         def register(fn: Callable[P, Awaitable[CallToolResult]]
                      ) -> Callable[P, Awaitable[CallToolResult]]:
-            guarded = _guarded(fn)
+            guarded = _in_session(_guarded(fn), mine)
             server.add_tool(guarded, name=name, description=description,
                             annotations=ToolAnnotations(
                                 read_only_hint=read_only, destructive_hint=destructive,
@@ -309,11 +404,15 @@ def build_server(engine: Engine, limits: Limits | None = None,
 
         return register
 
+    async def owned(sandbox: str) -> SandboxInfo:
+        """The sandbox, if this session may use it (else: no such sandbox)."""
+        return mine.check(await run_sync(engine.get, sandbox))
+
     async def resolve(sandbox: str, path: str) -> str:
         """An absolute path in the sandbox: a relative one starts at its workdir."""
+        sb = await owned(sandbox)
         if path.startswith("/"):
             return posixpath.normpath(path)
-        sb = await run_sync(engine.get, sandbox)
         return _inside(sb.spec.workdir, path)
 
     # ------------------------------------------------------------------ lifecycle
@@ -337,9 +436,11 @@ def build_server(engine: Engine, limits: Limits | None = None,
         timeout: Annotated[float | None, Field(
             description="seconds of life, then it stops (enforced by the aiva daemon)")] = None,
     ) -> Annotated[CallToolResult, SandboxOut]:
+        labels = mine.labels()  # read here: the session is this coroutine's
+
         def create() -> CreateOut:
             spec = engine.build_spec(template=template, image=image, cpus=cpus, memory=memory,
-                                     network=network, timeout=timeout)
+                                     network=network, timeout=timeout, labels=labels)
             sb = engine.create(check_name(name or f"sb-{uuid.uuid4().hex[:8]}"), spec)
             out = sandbox_out(sb, CreateOut)
             assert isinstance(out, CreateOut)
@@ -350,17 +451,19 @@ def build_server(engine: Engine, limits: Limits | None = None,
 
     @tool("sandbox_list", "List all sandboxes with their state.", read_only=True)
     async def sandbox_list() -> Annotated[CallToolResult, SandboxListOut]:
-        boxes = await run_sync(engine.list_all)
+        boxes = [sb for sb in await run_sync(engine.list_all) if mine.sees(sb)]
         return _result(SandboxListOut(sandboxes=[sandbox_out(sb) for sb in boxes]))
 
     @tool("sandbox_status", "One sandbox's state (checked against what really runs), "
           "resources, ports and error if any.", read_only=True)
     async def sandbox_status(sandbox: SandboxArg) -> Annotated[CallToolResult, SandboxOut]:
+        await owned(sandbox)
         return _result(sandbox_out(await run_sync(engine.status, sandbox)))
 
     @tool("sandbox_destroy", "Stop and remove a sandbox with all its files and snapshots. "
           "Cannot be undone.", destructive=True)
     async def sandbox_destroy(sandbox: SandboxArg) -> Annotated[CallToolResult, DestroyOut]:
+        await owned(sandbox)
         await run_sync(engine.delete, sandbox, volumes=True)
         return _result(DestroyOut(destroyed=sandbox))
 
@@ -390,6 +493,7 @@ def build_server(engine: Engine, limits: Limits | None = None,
         limit = lim.timeout_for(timeout)
         if cwd is not None:
             cwd = await resolve(sandbox, cwd)
+        await owned(sandbox)
         res = await run_sync(engine.exec, sandbox, command, env=env, cwd=cwd, timeout=limit,
                              stdin=stdin)
         assert isinstance(res, ExecResult)
@@ -533,10 +637,12 @@ def build_server(engine: Engine, limits: Limits | None = None,
         sandbox: SandboxArg,
         tag: Annotated[str | None, Field(description="default: a timestamp")] = None,
     ) -> Annotated[CallToolResult, SnapshotOut]:
+        await owned(sandbox)
         return _result(_snapshot_out(await run_sync(engine.snapshot, sandbox, tag)))
 
     @tool("snapshot_list", "A sandbox's snapshots, oldest first.", read_only=True)
     async def snapshot_list(sandbox: SandboxArg) -> Annotated[CallToolResult, SnapshotListOut]:
+        await owned(sandbox)
         snaps = await run_sync(engine.snapshots, sandbox)
         return _result(SnapshotListOut(snapshots=[_snapshot_out(s) for s in snaps]))
 
@@ -546,17 +652,24 @@ def build_server(engine: Engine, limits: Limits | None = None,
         sandbox: SandboxArg,
         tag: Annotated[str, Field(description="the snapshot's tag (see snapshot_list)")],
     ) -> Annotated[CallToolResult, SandboxOut]:
+        await owned(sandbox)
         return _result(sandbox_out(await run_sync(engine.restore, sandbox, tag)))
 
     # ------------------------------------------------------------------ resources
 
     @server.resource("aiva://sandboxes", name="sandboxes", mime_type="application/json",
-                     description="Every sandbox with its state, as JSON.")
+                     description="The sandboxes of this session with their state, as JSON "
+                                 "(over HTTP with several sessions: the sandbox_list tool).")
     async def sandboxes_resource() -> str:
+        # a static resource has no session: on stdio it is the server's one session
+        token = mine.enter(mine.fallback)
         try:
-            boxes = await run_sync(engine.list_all)
+            boxes = [sb for sb in await run_sync(engine.list_all)
+                     if mine.all_sandboxes or (mine.one_session() and mine.sees(sb))]
         except AivaError as exc:
             raise ResourceError(_resource_message(exc)) from None
+        finally:
+            mine.leave(token)
         return json.dumps([sandbox_out(sb).model_dump(mode="json") for sb in boxes],
                           indent=1)
 
@@ -565,8 +678,10 @@ def build_server(engine: Engine, limits: Limits | None = None,
                      description="A sandbox's recent log, oldest first: its commands and "
                                  "their output, the engine's log and the guest's syslog. "
                                  f"?tail=N lines (default {lim.log_lines}).")
+    @_resource_in_session(mine)
     async def logs_resource(name: str, tail: int = lim.log_lines) -> str:
         try:
+            await owned(name)
             lines = await run_sync(engine.logs, name, tail=max(1, tail))
         except SandboxNotFound as exc:
             raise ResourceNotFoundError(_resource_message(exc)) from None
@@ -584,7 +699,8 @@ def _resource_message(exc: AivaError) -> str:
 # ---------------------------------------------------------------------- stdio
 
 
-def serve_stdio(limits: Limits | None = None, allow_dirs: list[str] | None = None) -> None:
+def serve_stdio(limits: Limits | None = None, allow_dirs: list[str] | None = None,
+                all_sandboxes: bool = False) -> None:
     """``aiva mcp serve``: the server on stdin/stdout until the client closes them.
 
     Nothing but protocol reaches stdout (the SDK diverts fd 1 to stderr while it serves);
@@ -618,9 +734,11 @@ def serve_stdio(limits: Limits | None = None, allow_dirs: list[str] | None = Non
     engine = default_engine()
     if limits is None:
         limits = Limits.from_settings(settings)
-    server = build_server(engine, limits, grants)
-    log.info("mcp serve (stdio) over %s engine; granted: %s", type(engine).__name__,
-             ", ".join(str(d) for d in grants.dirs) or "none")
+    scope = Scope(all_sandboxes=all_sandboxes or settings.all_sandboxes)
+    server = build_server(engine, limits, grants, scope)
+    log.info("mcp serve (stdio) over %s engine; granted: %s; sandboxes: %s",
+             type(engine).__name__, ", ".join(str(d) for d in grants.dirs) or "none",
+             "all" if scope.all_sandboxes else "its own")
     try:
         anyio.run(server.run_stdio_async)
     finally:
