@@ -196,8 +196,8 @@ class Engine:
         try:
             return SandboxSpec(
                 backend=backend or (d.backend if d.backend != "auto" else self.backend().name),
-                image=image or template or d.image,
-                template=template,
+                image=_image_ref(image or template or d.image),
+                template=template or _template_name(image),
                 profile=profile or d.profile,
                 cpus=cpus,
                 memory=mem,
@@ -762,6 +762,21 @@ class Engine:
                 log.close()
             self._cmdlogs.clear()
         self.store.close()
+
+
+def _image_ref(ref: str) -> str:
+    """A template's name means its image: ``python`` is stored (and shown) as
+    ``aiva/python:latest`` however the sandbox was made."""
+    from aiva.images import TEMPLATES, template_tag
+
+    return template_tag(ref) if ref in TEMPLATES else ref
+
+
+def _template_name(image: str | None) -> str | None:
+    """``--image python`` names the template too."""
+    from aiva.images import TEMPLATES
+
+    return image if image in TEMPLATES else None
 
 
 def _network_mode(mode: str) -> str:

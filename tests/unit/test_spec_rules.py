@@ -150,3 +150,29 @@ def test_warnings_say_what_is_given_away(tmp_path: Path,
     if Path("/run/docker.sock").is_socket():
         [run] = spec_rules.spec_warnings(_spec(mounts=[_mount("/run")]))
         assert "Docker socket (/run/docker.sock)" in run
+
+
+def test_a_template_name_is_stored_as_its_image() -> None:
+    """`--template python`, `--image python` and the default all show as one image."""
+    from aiva.engine import Engine
+
+    eng = Engine()
+    try:
+        by_template = eng.build_spec(template="python", backend="docker")
+        by_image = eng.build_spec(image="python", backend="docker")
+        default = eng.build_spec(backend="docker")
+        assert by_template.image == by_image.image == default.image == "aiva/python:latest"
+        assert by_template.template == by_image.template == "python"
+        assert eng.build_spec(image="busybox:1", backend="docker").image == "busybox:1"
+    finally:
+        eng.close()
+
+
+def test_status_says_when_no_cpu_limit_is_enforced() -> None:
+    import os
+
+    from aiva.cli.output import cpus_text
+
+    host = os.cpu_count() or 1
+    assert cpus_text(host) == cpus_text(host + 2) == f"all {host} (no limit)"
+    assert cpus_text(0.5) == "0.5"

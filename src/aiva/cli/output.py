@@ -80,6 +80,14 @@ def _record(sb: SandboxInfo) -> dict[str, Any]:
     return sb.model_dump(mode="json")
 
 
+def cpus_text(cpus: float) -> str:
+    """What the CPU limit really is: a share of the host, or none (all of its CPUs)."""
+    import os
+
+    host = os.cpu_count() or 1
+    return f"all {host} (no limit)" if cpus >= host else f"{cpus:g}"
+
+
 def sandboxes(boxes: list[SandboxInfo], fmt: Fmt) -> None:
     if fmt != Fmt.table:
         _dump([_record(sb) for sb in boxes], fmt)
@@ -94,7 +102,7 @@ def sandboxes(boxes: list[SandboxInfo], fmt: Fmt) -> None:
         style = _STATE_STYLE.get(sb.state.value, "")
         state = escape(sb.state.value + (f" ({sb.error})" if sb.error else ""))
         table.add_row(sb.name, f"[{style}]{state}[/]", sb.spec.backend, escape(sb.spec.image),
-                      f"{sb.spec.cpus:g}", format_size(sb.spec.memory),
+                      cpus_text(sb.spec.cpus), format_size(sb.spec.memory),
                       ", ".join(sb.runtime.get("ports") or []) or "-",
                       sb.created_at.strftime("%Y-%m-%d %H:%M"))
     console.print(table)
@@ -112,7 +120,7 @@ def sandbox(sb: SandboxInfo, fmt: Fmt, metrics: SandboxMetrics | None = None) ->
         ("name", sb.name), ("id", sb.id), ("state", f"[{style}]{sb.state.value}[/]"),
         ("error", escape(sb.error or "-")), ("backend", sb.spec.backend),
         ("image", escape(sb.spec.image)),
-        ("profile", sb.spec.profile), ("cpus", f"{sb.spec.cpus:g}"),
+        ("profile", sb.spec.profile), ("cpus", cpus_text(sb.spec.cpus)),
         ("memory", format_size(sb.spec.memory)),
         ("disk", format_size(sb.spec.disk) + " (not enforced by docker)"
          if sb.spec.backend == "docker" else format_size(sb.spec.disk)),
