@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import logging
 import os
 import shlex
 import shutil
@@ -49,6 +50,7 @@ from aiva.models import (
 )
 from aiva.store import Store
 
+log = logging.getLogger("aiva.engine")
 _STREAM = {FrameKind.STDOUT: "stdout", FrameKind.STDERR: "stderr"}
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -241,7 +243,21 @@ class Engine:
         plugins.call_hook("on_vm_create", sandbox=sb)
         if not start:
             return self.store.transition(name, State.STOPPED)
-        return self._boot(sb)
+        return self._boot_new(sb)
+
+    def _boot_new(self, sb: SandboxInfo) -> SandboxInfo:
+        """The first boot of a sandbox just made: if it fails, nothing of it stays (no
+        record in ``error``, no container, no volume), only the error that says why."""
+        try:
+            return self._boot(sb)
+        except BaseException as exc:
+            try:
+                self.delete(sb.name, volumes=True)
+            except AivaError as gone:
+                log.warning("cannot remove %s after its failed start: %s", sb.name, gone)
+            if isinstance(exc, AivaError):
+                exc.message += " (nothing of the sandbox was kept)"
+            raise
 
     @_exclusive_op
     def start(self, name: str) -> SandboxInfo:
@@ -399,11 +415,18 @@ class Engine:
         return sb
 
     @_exclusive_op
-    def fork(self, name: str, source: str, tag: str) -> SandboxInfo:
-        """A new sandbox started from ``source``'s snapshot ``tag``."""
+    def fork(self, name: str, source: str, tag: str, *, ports: list[str] | None = None,
+             cpus: float | None = None, memory: str | int | None = None,
+             env: dict[str, str] | None = None, network: str | None = None,
+             timeout: float | None = None) -> SandboxInfo:
+        """A new sandbox started from ``source``'s snapshot ``tag``, beside its source: its
+        published ports get free host ports unless ``ports`` are given; the other
+        arguments override the source's spec (``env`` is added to it)."""
         src = self.get(source)
         snap = self._find_snapshot(src, tag)
-        sb = self.store.add(SandboxInfo(name=check_name(name), spec=src.spec.model_copy()))
+        spec = self._fork_spec(src.spec, ports=ports, cpus=cpus, memory=memory, env=env,
+                               network=network, timeout=timeout)
+        sb = self.store.add(SandboxInfo(name=check_name(name), spec=spec))
         backend = self._backend_of(sb)
         try:
             runtime = backend.create_from_snapshot(sb, src, tag, snap)
@@ -414,7 +437,32 @@ class Engine:
         self._record("created", sb, image=sb.spec.image, backend=backend.name,
                      from_snapshot=f"{source}:{tag}")
         plugins.call_hook("on_vm_create", sandbox=sb)
-        return self._boot(sb)
+        return self._boot_new(sb)
+
+    def _fork_spec(self, spec: SandboxSpec, *, ports: list[str] | None, cpus: float | None,
+                   memory: str | int | None, env: dict[str, str] | None,
+                   network: str | None, timeout: float | None) -> SandboxSpec:
+        bind = self.config.networking.default_bind
+        update: dict[str, Any] = {
+            "ports": [PortSpec.parse(p, bind) for p in ports] if ports is not None
+            # the source still holds its host ports: the fork takes free ones
+            else [p.model_copy(update={"host_port": None}) for p in spec.ports]}
+        if cpus is not None:
+            update["cpus"] = spec_rules.check_cpus(cpus)
+        if memory is not None:
+            update["memory"] = spec_rules.check_memory(parse_size(memory))
+        if env:
+            update["env"] = spec.env | env
+        if network is not None:
+            update["network"] = _network_mode(network)
+        if timeout is not None:
+            update["timeout"] = timeout
+        try:
+            return SandboxSpec.model_validate(spec.model_copy(update=update).model_dump())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise InvalidValue(f"{key}: {err['msg'].removeprefix('Value error, ')}") from None
 
     def get(self, name: str) -> SandboxInfo:
         return self.store.get(name)

@@ -265,3 +265,43 @@ def test_data_sync_mistakes_and_litter(python_image: str, names: list[str],
                 ).returncode == 0
     r = aiva("data", name, "sync", str(proj), "/workspace/proj")
     assert "to this machine: out.txt" in r.stderr and not (proj / ".pytest_cache").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_fork_starts_beside_its_source(python_image: str, names: list[str],
+                                         docker_ok: Any) -> None:
+    """The README's fork line while the source runs with -p: the fork takes free host
+    ports (or the ones given), overrides apply, and a failed fork leaves nothing."""
+    box, copy, copy2, bad = (_name(names) for _ in range(4))
+    port = _free_port()
+    assert aiva("start", box, "-p", f"{port}:80", "--memory", "256MB").returncode == 0
+    assert aiva("snapshot", box, "s1").returncode == 0
+    r = aiva("start", copy, "--from-snapshot", f"{box}:s1")
+    assert r.returncode == 0, r.stderr
+    ports = json.loads(aiva("status", copy, "--format", "json").stdout)["runtime"]["ports"]
+    assert len(ports) == 1 and ports[0].endswith("->80/tcp")
+    assert f":{port}->" not in ports[0]
+    other = _free_port()
+    r = aiva("start", copy2, "--from-snapshot", f"{box}:s1", "-p", f"{other}:80",
+             "--memory", "300MB", "-e", "FORKED=yes")
+    assert r.returncode == 0, r.stderr
+    status = json.loads(aiva("status", copy2, "--format", "json").stdout)
+    assert status["spec"]["memory"] == 300 << 20
+    assert f":{other}->80" in status["runtime"]["ports"][0]
+    assert aiva("exec", copy2, "--", "sh", "-c", "echo $FORKED").stdout == "yes\n"
+    # the source's own port, asked for explicitly: the fork fails and nothing stays
+    r = aiva("start", bad, "--from-snapshot", f"{box}:s1", "-p", f"{port}:80")
+    assert r.returncode != 0 and "nothing of the sandbox was kept" in r.stderr, r.stderr
+    assert aiva("status", bad).returncode != 0
+    left = docker_ok.containers.list(all=True, filters={"label": "aiva.name=" + bad})
+    vols = [v for v in docker_ok.volumes.list(filters={"label": "aiva.name=" + bad})]
+    assert not left and not vols
+    assert_clean_error(aiva("start", bad, "--from-snapshot", f"{box}:s1", "--template",
+                            "python"), 2, "only -p")

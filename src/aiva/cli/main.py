@@ -175,12 +175,20 @@ def start(
              network != "nat", timeout, idle_timeout, on_timeout, restart, mount]
     if from_snapshot:
         source, sep, tag = from_snapshot.partition(":")
-        if not sep or not source or not tag or any(given):
-            raise InvalidValue("--from-snapshot takes SOURCE:TAG and no other creation option",
-                               hint=f"aiva start {name} --from-snapshot box:s1")
+        fixed = [template, image, disk, profile, label, backend, idle_timeout, on_timeout,
+                 restart, mount]  # what a snapshot fixes
+        if not sep or not source or not tag or any(fixed):
+            raise InvalidValue(
+                "--from-snapshot takes SOURCE:TAG, and of the creation options only -p, "
+                "--cpus, --memory, --env, --network and --timeout",
+                hint=f"aiva start {name} --from-snapshot box:s1 -p 8081:80")
         with output.status(f"starting {name} from {from_snapshot} ..."):
-            engine.fork(name, source, tag)
-        output.ok(f"{name} is running, forked from {from_snapshot}")
+            sb = engine.fork(name, source, tag, ports=port, cpus=cpus, memory=memory,
+                             env=_kv(env, "an env") or None,
+                             network=None if network == "nat" else network, timeout=timeout)
+        ports = ", ".join(sb.runtime.get("ports") or [])
+        output.ok(f"{name} is running, forked from {from_snapshot}"
+                  + (f" (ports {ports})" if ports else ""))
         return
     if engine.exists(name):
         if any(v for v in given):

@@ -244,6 +244,12 @@ class CreateRequest(SpecFields):
 
 class ForkRequest(BaseModel):
     name: str
+    ports: list[str] | None = None
+    cpus: float | None = None
+    memory: str | int | None = None
+    env: dict[str, str] | None = None
+    network: str | None = None
+    timeout: float | None = None
 
 
 class SettingValue(BaseModel):
@@ -340,7 +346,9 @@ async def restore(name: str, tag: str, eng: Engine = Eng) -> SandboxInfo:
 @router.post(SB + "/{name}/snapshots/{tag}/fork", status_code=201, tags=["snapshots"])
 async def fork(name: str, tag: str, req: ForkRequest, eng: Engine = Eng) -> SandboxInfo:
     """A new sandbox ``req.name`` started from this sandbox's snapshot ``tag``."""
-    return await run_sync(eng.fork, req.name, name, tag)
+    return await run_sync(lambda: eng.fork(
+        req.name, name, tag, ports=req.ports, cpus=req.cpus, memory=req.memory, env=req.env,
+        network=req.network, timeout=req.timeout))
 
 
 # ---------------------------------------------------------------------- settings, events

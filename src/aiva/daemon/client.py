@@ -188,9 +188,13 @@ class RemoteEngine:
     def restore(self, name: str, tag: str) -> SandboxInfo:
         return self._info("POST", self._api.sb(name, f"{_snapshot(tag)}/restore"))
 
-    def fork(self, name: str, source: str, tag: str) -> SandboxInfo:
+    def fork(self, name: str, source: str, tag: str, *, ports: list[str] | None = None,
+             cpus: float | None = None, memory: str | int | None = None,
+             env: dict[str, str] | None = None, network: str | None = None,
+             timeout: float | None = None) -> SandboxInfo:
         return self._info("POST", self._api.sb(source, f"{_snapshot(tag)}/fork"),
-                          json={"name": name})
+                          json={"name": name, "ports": ports, "cpus": cpus, "memory": memory,
+                                "env": env, "network": network, "timeout": timeout})
 
     def get(self, name: str) -> SandboxInfo:
         return self._info("GET", self._api.sb(name), params={"reconcile": False})
