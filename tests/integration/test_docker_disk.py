@@ -1,0 +1,173 @@
+"""The Docker disk limit on a real engine: a sandbox that fills its ext4 disk gets ENOSPC
+wherever it may write, EROFS everywhere else, and the host's free space does not move
+past the limit; the disk survives stop/start, snapshots, forks and a lost mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiva import errors
+from aiva.backends import docker_disk
+from aiva.cli import output
+
+pytestmark = pytest.mark.docker
+
+LIMIT = 100 * 1024 * 1024
+# Writes at most CAP bytes to a file, then prints the errno it stopped on ("0": none).
+FILL = """
+import errno, sys
+path, cap = sys.argv[1], int(sys.argv[2])
+block = b"x" * (1 << 20)
+done, code = 0, 0
+try:
+    with open(path, "wb") as f:
+        while done < cap:
+            f.write(block)
+            f.flush()
+            done += len(block)
+        import os
+        os.fsync(f.fileno())
+except OSError as exc:
+    code = exc.errno
+print(code, done)
+"""
+
+
+def fill(sb: Any, path: str, cap: int = 3 * LIMIT) -> tuple[int, int]:
+    r = sb.commands.run(["python3", "-c", FILL, path, str(cap)])
+    assert r.exit_code == 0, r.stderr
+    code, done = r.stdout.split()
+    return int(code), int(done)
+
+
+def free(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def loops_of(image: Path) -> list[str]:
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(image) in line]
+
+
+def test_a_full_disk_is_enospc_everywhere_writable_and_the_host_keeps_its_space(
+        make_sandbox: Any, docker_ok: Any) -> None:
+    sb = make_sandbox(disk="100MB")
+    image = docker_disk.image_path(sb.id)
+    home = str(image.parent)
+    before = {p: free(p) for p in (home, "/var/lib/docker")}
+    for where in ("/workspace/fill", "/tmp/fill", "/usr/local/fill", "/root/fill",
+                  "/home/fill", "/var/tmp/fill", "/opt/fill"):
+        code, done = fill(sb, where)
+        assert code == errno.ENOSPC, f"{where}: stopped with errno {code} after {done} B"
+        assert done <= LIMIT
+        if where == "/root/fill":  # the host measures while the disk is full
+            for path, was in before.items():
+                assert was - free(path) < LIMIT + 64 * 1024 * 1024, path
+            assert image.stat().st_blocks * 512 <= LIMIT + 1024 * 1024
+            api = docker_ok.api
+            url = api._url("/containers/{0}/json", sb.info.runtime["container_id"])
+            size_rw = api._result(api._get(url, params={"size": 1}), True).get("SizeRw") or 0
+            assert size_rw < 1024 * 1024  # nothing in the container's writable layer
+        assert sb.commands.run(["rm", "-f", where]).exit_code == 0
+    # freed again: the sandbox goes on working
+    assert sb.commands.run("python3 -m venv --without-pip /tmp/venv && "
+                           "/tmp/venv/bin/python -c 'print(1)'").stdout == "1\n"
+    assert "(enforced" in output._disk(sb.info)
+
+
+def test_the_system_image_is_read_only(make_sandbox: Any) -> None:
+    sb = make_sandbox(disk="100MB")
+    for path in ("/etc/evil", "/usr/bin/evil", "/var/lib/evil", "/evil"):
+        r = sb.commands.run(["python3", "-c", "import sys\ntry:\n open(sys.argv[1], 'w')\n"
+                             "except OSError as e:\n print(e.errno)", path])
+        assert r.stdout.strip() == str(errno.EROFS), path
+    # what the image had in the writable paths is still there
+    assert sb.commands.run("test -f /root/.bashrc && stat -c %a /tmp /root").stdout.split() \
+        == ["1777", "700"]
+
+
+def test_data_survives_stop_start_and_a_lost_mount(make_sandbox: Any, docker_ok: Any,
+                                                   engine: Any) -> None:
+    sb = make_sandbox(disk="100MB")
+    sb.commands.run("echo work > /workspace/a; echo local > /usr/local/b; echo home > ~/c")
+    sb.stop()
+    # a reboot: the mount and its loop device are gone
+    image = docker_disk.image_path(sb.id)
+    docker_disk.unmount(sb.id)
+    assert not docker_disk.is_mounted(sb.id) and not loops_of(image)
+    # the container cannot start on the host's disk instead of its own
+    with pytest.raises(Exception, match=r"(?i)no such file|not exist"):
+        docker_ok.containers.get(sb.info.runtime["container_id"]).start()
+    sb.start()
+    assert docker_disk.is_mounted(sb.id)
+    assert sb.commands.run("cat /workspace/a /usr/local/b ~/c").stdout == "work\nlocal\nhome\n"
+
+
+def test_snapshot_restore_and_fork_keep_the_data_and_the_limit(make_sandbox: Any,
+                                                               engine: Any) -> None:
+    sb = make_sandbox(disk="100MB")
+    sb.commands.run("echo v1 > /workspace/f; mkdir -p /usr/local/lib/x && echo lib > "
+                    "/usr/local/lib/x/y")
+    snap = sb.snapshot("s1")
+    assert snap.get("layout") == "disk"
+    sb.commands.run("echo v2 > /workspace/f; rm -r /usr/local/lib/x; echo new > /tmp/n")
+    sb.restore("s1")
+    assert sb.commands.run("cat /workspace/f /usr/local/lib/x/y; test -e /tmp/n"
+                           ).stdout == "v1\nlib\n"
+    assert fill(sb, "/workspace/big")[0] == errno.ENOSPC
+    sb.commands.run("rm /workspace/big")
+
+    fork = engine.fork(f"{sb.name}-fork", sb.name, "s1")
+    try:
+        from aiva.sdk import Sandbox
+
+        f = Sandbox.connect(fork.name, engine=engine)
+        assert f.commands.run("cat /workspace/f /usr/local/lib/x/y").stdout == "v1\nlib\n"
+        assert fill(f, "/tmp/big")[0] == errno.ENOSPC
+        assert docker_disk.image_path(fork.id) != docker_disk.image_path(sb.id)
+    finally:
+        engine.delete(fork.name, volumes=True)
+    assert not docker_disk.disk_dir(fork.id).exists()
+
+
+def test_rm_detaches_the_loop_and_keeps_or_removes_the_image(make_sandbox: Any,
+                                                             engine: Any) -> None:
+    kept = make_sandbox(disk="100MB")
+    gone = make_sandbox(disk="100MB")
+    kept.commands.run("echo keep > /workspace/k")
+    kept_image, gone_image = (docker_disk.image_path(s.id) for s in (kept, gone))
+    assert loops_of(kept_image) and loops_of(gone_image)
+
+    engine.delete(kept.name)  # the data stays, as a kept volume does
+    assert kept_image.is_file() and not loops_of(kept_image)
+    assert not docker_disk.is_mounted(kept.id)
+    subprocess.run(["rm", "-r", str(kept_image.parent)], check=True)  # removable by hand
+
+    engine.delete(gone.name, volumes=True)
+    assert not gone_image.parent.exists() and not loops_of(gone_image)
+
+
+def test_orphan_disks_of_this_home_are_unmounted(engine: Any) -> None:
+    from aiva import lifetimes
+
+    sid = "0123abcd-0000-4000-8000-00000000d15c"
+    try:
+        docker_disk.make(sid, 64 * 1024 * 1024)
+        assert docker_disk.is_mounted(sid)
+        gone = lifetimes.reap_disks(engine, lambda: {s.id for s in engine.store.all()})
+        assert sid in gone and not docker_disk.is_mounted(sid)
+        assert docker_disk.image_path(sid).is_file()  # kept, as rm without --volumes
+    finally:
+        docker_disk.remove(sid)
+
+
+def test_a_disk_below_the_image_content_is_a_clear_error(make_sandbox: Any) -> None:
+    with pytest.raises(errors.AivaError):
+        make_sandbox(disk="1KB")
