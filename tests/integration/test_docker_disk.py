@@ -171,3 +171,45 @@ def test_orphan_disks_of_this_home_are_unmounted(engine: Any) -> None:
 def test_a_disk_below_the_image_content_is_a_clear_error(make_sandbox: Any) -> None:
     with pytest.raises(errors.AivaError):
         make_sandbox(disk="1KB")
+
+
+def test_with_enforcement_off_a_sandbox_has_a_volume_and_a_writable_root(
+        make_sandbox: Any, engine: Any, docker_ok: Any, monkeypatch: Any) -> None:
+    """``enforce_docker_disk: false``: the earlier layout, which old sandboxes keep."""
+    monkeypatch.setattr(docker_disk, "enforced", lambda: False)
+    sb = make_sandbox()
+    volume = sb.info.runtime["volume"]
+    assert "disk" not in sb.info.runtime and not docker_disk.disk_dir(sb.id).exists()
+    assert "not enforced" in output._disk(sb.info)
+    sb.commands.run("echo v1 > /workspace/f; echo r1 > /etc/marker")
+    sb.snapshot("s1")
+    sb.commands.run("echo v2 > /workspace/f; echo r2 > /etc/marker")
+    sb.restore("s1")
+    assert sb.commands.run("cat /workspace/f /etc/marker").stdout == "v1\nr1\n"
+    monkeypatch.undo()  # a fork of it gets a disk, the workdir filled from the volume
+    fork = engine.fork(f"{sb.name}-fork", sb.name, "s1")
+    try:
+        assert "disk" in fork.runtime
+        from aiva.sdk import Sandbox
+
+        f = Sandbox.connect(fork.name, engine=engine)
+        assert f.commands.run("cat /workspace/f").stdout == "v1\n"
+    finally:
+        engine.delete(fork.name, volumes=True)
+    engine.delete(sb.name, volumes=True)
+    assert not docker_ok.volumes.list(filters={"name": volume})
+
+
+def test_apt_get_says_the_root_is_read_only_and_how_to_derive(make_sandbox: Any) -> None:
+    import sys
+
+    sb = make_sandbox(disk="100MB")
+    r = subprocess.run([sys.executable, "-m", "aiva.cli.main", "exec", sb.name, "--",
+                        "sh", "-c", "echo x > /usr/bin/tool"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Read-only file system" in r.stderr
+    assert "hint:" in r.stderr and "aiva image derive" in r.stderr
+    ok = subprocess.run([sys.executable, "-m", "aiva.cli.main", "exec", sb.name, "--",
+                         "sh", "-c", "echo x > /usr/local/bin/tool"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "hint" not in ok.stderr

@@ -391,9 +391,12 @@ def exec_(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    erofs = _ReadOnlyRootSeen()
+
     def err(text: str) -> None:
         sys.stderr.write(text)
         sys.stderr.flush()
+        erofs.feed(text)
 
     res = engine.exec(name, argv, env=_kv(env, "an env"), cwd=cwd, user=user, timeout=timeout,
                       stdin=sys.stdin.buffer if interactive else None,
@@ -402,7 +405,32 @@ def exec_(
         output.error(f"the command timed out after {timeout}s; its process group was killed")
         raise typer.Exit(124)
     code = res.exit_code
+    if code != 0 and erofs.seen:
+        sb = engine.get(name)
+        if sb.spec.backend == "docker" and "disk" in sb.runtime:
+            sys.stderr.write(f"hint: {READ_ONLY_ROOT_HINT.format(workdir=sb.spec.workdir)}\n")
     raise typer.Exit(code if code >= 0 else 128 - code)
+
+
+READ_ONLY_ROOT_HINT = (
+    "the system image of a Docker sandbox is read-only, so --disk holds; it writes to "
+    "{workdir}, /root, /home, /tmp, /var/tmp, /usr/local and /opt. For system packages "
+    "(apt-get) make an image: aiva image derive TAG --from IMAGE --run 'apt-get install "
+    "-y PKG', then create the sandbox with --image TAG")
+
+
+class _ReadOnlyRootSeen:
+    """Whether a command's stderr said EROFS (kept: a short tail, for split chunks)."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._tail = ""
+
+    def feed(self, text: str) -> None:
+        if not self.seen:
+            window = self._tail + text
+            self.seen = "Read-only file system" in window
+            self._tail = window[-32:]
 
 
 def _split_target(text: str) -> tuple[str | None, str]:
