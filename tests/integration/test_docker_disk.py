@@ -62,7 +62,7 @@ def test_a_full_disk_is_enospc_everywhere_writable_and_the_host_keeps_its_space(
     image = docker_disk.image_path(sb.id)
     home = str(image.parent)
     before = {p: free(p) for p in (home, "/var/lib/docker")}
-    for where in ("/workspace/fill", "/tmp/fill", "/usr/local/fill", "/root/fill",
+    for where in ("/workspace/fill", "/tmp/fill", "/usr/local/fill", "/root/fill", "/app/fill",
                   "/home/fill", "/var/tmp/fill", "/opt/fill"):
         code, done = fill(sb, where)
         assert code == errno.ENOSPC, f"{where}: stopped with errno {code} after {done} B"

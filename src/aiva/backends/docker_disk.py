@@ -20,10 +20,10 @@ start the container: a sandbox never writes to the host's disk instead of its ow
 
 What is on the disk (see ``layout``): the workdir (``work/``) and the paths an agent
 expects to write (``/root``, ``/home``, ``/tmp``, ``/var/tmp``, ``/usr/local``,
-``/opt``), seeded from the image once so nothing the image had there disappears. /run is
-a small tmpfs (counted against the sandbox's memory). Everything else is the image,
-read-only: ``apt-get install`` fails with EROFS; ``aiva image derive`` makes an image
-with more packages.
+``/opt``, and ``/app`` for ``aiva deploy``), seeded from the image once so nothing the
+image had there disappears. /run is a small tmpfs (counted against the sandbox's
+memory). Everything else is the image, read-only: ``apt-get install`` fails with EROFS;
+``aiva image derive`` makes an image with more packages.
 
 ``rm`` unmounts (the loop device goes); the image file stays, as Docker kept the data
 volume, unless ``--volumes``. A kept disk is a plain directory, removable with ``rm -r``.
@@ -57,6 +57,7 @@ SYSTEM_PATHS: dict[str, tuple[str, int]] = {
     "/var/tmp": ("var-tmp", 0o1777),
     "/usr/local": ("usr-local", 0o755),
     "/opt": ("opt", 0o755),
+    "/app": ("app", 0o755),  # where `aiva deploy` pushes a program
 }
 RUN_TMPFS = {"/run": "rw,nosuid,nodev,noexec,size=32m,mode=755"}
 MOUNT_OPTIONS = "loop,nosuid,nodev,noatime,noinit_itable"

@@ -414,7 +414,7 @@ def exec_(
 
 READ_ONLY_ROOT_HINT = (
     "the system image of a Docker sandbox is read-only, so --disk holds; it writes to "
-    "{workdir}, /root, /home, /tmp, /var/tmp, /usr/local and /opt. For system packages "
+    "{workdir}, /root, /home, /tmp, /var/tmp, /usr/local, /opt and /app. For system packages "
     "(apt-get) make an image: aiva image derive TAG --from IMAGE --run 'apt-get install "
     "-y PKG', then create the sandbox with --image TAG")
 
