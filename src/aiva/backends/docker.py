@@ -181,6 +181,7 @@ class DockerBackend(Backend):
             self._copy(sb, docker.types.Mount("/from", copy_from["volume"], type="volume",
                                               read_only=True),
                        docker.types.Mount("/to", str(target), type="bind"), image_id)
+            docker_disk.ensure_layout(sb.id, pairs)
 
     # ------------------------------------------------------------------ egress allow-list
 
@@ -504,6 +505,7 @@ class DockerBackend(Backend):
                                               read_only=True),
                        docker.types.Mount("/to", str(target), type="bind"), snap["image"],
                        clear=True)
+            docker_disk.ensure_layout(sb.id, docker_disk.layout(sb.spec))
         else:
             self._copy_volume(sb, snap["volume"], sb.runtime["volume"], snap["image"],
                               clear=True)

@@ -196,12 +196,21 @@ def populate(sandbox_id: str, pairs: list[tuple[str, str]], seed: Path | None) -
     if seed is not None and any(seed.iterdir()):
         # -a never follows a link; the seed is the image's own content, not the sandbox's
         _run(["cp", "-a", f"{seed}/.", f"{mnt}/"], "seed the disk from the image")
+    ensure_layout(sandbox_id, pairs)
+
+
+def ensure_layout(sandbox_id: str, pairs: list[tuple[str, str]]) -> None:
+    """Every directory of the layout on the disk (the bind mounts need them): made with
+    the mode the image would have had where the image (or a snapshot) has none. Only
+    aiva writes the disk's top level: the sandbox sees the directories, never it."""
+    mnt = mount_point(sandbox_id)
     for guest, sub in pairs:
         target = mnt / sub
-        if not target.exists():
-            target.mkdir()
-            mode = SYSTEM_PATHS.get(guest, ("", 0o755))[1]
-            os.chmod(target, mode)
+        try:
+            os.lstat(target)
+        except FileNotFoundError:
+            os.mkdir(target)
+            os.chmod(target, SYSTEM_PATHS.get(guest, ("", 0o755))[1])
 
 
 def seed(client: Any, image_id: str, pairs: list[tuple[str, str]],
