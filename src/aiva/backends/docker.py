@@ -554,7 +554,8 @@ class DockerBackend(Backend):
         helper = self.client.containers.run(
             image_id, entrypoint=["/bin/sh", "-c", script], command=[], detach=True,
             labels=labels_for(sb) | {"aiva.purpose": "volume-copy"}, network_mode="none",
-            mounts=[src, dst])
+            # the tree is the sandbox's: no device nodes made from it, no setuid gained
+            cap_drop=["MKNOD"], security_opt=["no-new-privileges"], mounts=[src, dst])
         try:
             result = helper.wait(timeout=600)
             if result.get("StatusCode") != 0:

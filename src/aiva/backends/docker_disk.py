@@ -253,7 +253,7 @@ def _seed_with_helper(client: Any, image_id: str, pairs: list[tuple[str, str]],
     helper = client.containers.run(
         image_id, entrypoint=["/bin/sh", "-c", "\n".join(lines)], command=[], detach=True,
         labels=labels | {"aiva.purpose": "disk-seed"}, network_mode="none",
-        read_only=True, security_opt=["no-new-privileges"],
+        read_only=True, cap_drop=["MKNOD"], security_opt=["no-new-privileges"],
         mounts=[docker.types.Mount("/seed", str(out), type="bind")])
     try:
         result = helper.wait(timeout=600)
