@@ -287,7 +287,15 @@ def rm(
     volumes: Annotated[bool, typer.Option("--volumes", "-v", help="also its data volume")] = False,
 ) -> None:
     """Remove a sandbox (stopping it). Its data volume stays unless --volumes."""
-    _engine().delete(name, volumes=volumes)
+    engine = _engine()
+    sb = None if volumes else engine.get(name)
+    engine.delete(name, volumes=volumes)
+    if sb is not None and sb.spec.backend == "docker" and "disk" in sb.runtime:
+        from aiva.backends import docker_disk
+
+        output.ok(f"{name} removed (its disk is kept: {docker_disk.disk_dir(sb.id)}; "
+                  "`rm -r` it when done, or use --volumes next time)")
+        return
     output.ok(f"{name} removed" + ("" if volumes else " (data volume kept; --volumes removes it)"))
 
 
