@@ -213,3 +213,30 @@ def test_apt_get_says_the_root_is_read_only_and_how_to_derive(make_sandbox: Any)
                          "sh", "-c", "echo x > /usr/local/bin/tool"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "hint" not in ok.stderr
+
+
+def test_after_a_reboot_the_daemon_loop_mounts_the_disk_again(
+        engine: Any, make_sandbox: Any, docker_ok: Any) -> None:
+    """The container died with the host and the mount went with it: the restart policy
+    brings the sandbox back on its own disk, data and all."""
+    import time
+
+    from aiva import lifetimes
+    from aiva.models import State
+
+    name = make_sandbox(disk="100MB").name
+    spec = engine.get(name).spec.model_copy(update={"restart": "always"})
+    sb = engine.store.update(name, spec=spec, runtime=lifetimes.boot_runtime(spec))
+    engine.exec(name, "echo before > /workspace/kept")
+    docker_ok.containers.get(sb.runtime["container_id"]).kill(signal="SIGKILL")
+    docker_ok.containers.get(sb.runtime["container_id"]).wait(timeout=30)
+    docker_disk.unmount(sb.id)
+    assert not loops_of(docker_disk.image_path(sb.id))
+    deadline = time.monotonic() + 60
+    while engine.get(name).state != State.RUNNING or not engine.get(name).runtime.get(
+            "restarts"):
+        assert time.monotonic() < deadline, "the sandbox did not come back"
+        lifetimes.tick(engine)
+        time.sleep(0.2)
+    assert docker_disk.is_mounted(sb.id)
+    assert engine.exec(name, "cat /workspace/kept").stdout == "before\n"
