@@ -115,13 +115,14 @@ def test_snapshot_restore_and_fork_keep_the_data_and_the_limit(make_sandbox: Any
                                                                engine: Any) -> None:
     sb = make_sandbox(disk="100MB")
     sb.commands.run("echo v1 > /workspace/f; mkdir -p /usr/local/lib/x && echo lib > "
-                    "/usr/local/lib/x/y")
-    snap = sb.snapshot("s1")
+                    "/usr/local/lib/x/y; truncate -s 1T /workspace/sparse")
+    snap = sb.snapshot("s1")  # the 1 TB hole stays a hole on the host and back
     assert snap.get("layout") == "disk"
     sb.commands.run("echo v2 > /workspace/f; rm -r /usr/local/lib/x; echo new > /tmp/n")
     sb.restore("s1")
     assert sb.commands.run("cat /workspace/f /usr/local/lib/x/y; test -e /tmp/n"
                            ).stdout == "v1\nlib\n"
+    assert sb.commands.run("stat -c '%s %b' /workspace/sparse").stdout == f"{1 << 40} 0\n"
     assert fill(sb, "/workspace/big")[0] == errno.ENOSPC
     sb.commands.run("rm /workspace/big")
 
