@@ -211,6 +211,10 @@ def test_apt_get_says_the_root_is_read_only_and_how_to_derive(make_sandbox: Any)
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Read-only file system" in r.stderr
     assert "hint:" in r.stderr and "aiva image derive" in r.stderr
+    apt = subprocess.run([sys.executable, "-m", "aiva.cli.main", "exec", sb.name, "--",
+                          "apt-get", "install", "-y", "--no-download", "curl"],
+                         capture_output=True, text=True, timeout=120)
+    assert apt.returncode != 0 and "aiva image derive" in apt.stderr
     ok = subprocess.run([sys.executable, "-m", "aiva.cli.main", "exec", sb.name, "--",
                          "sh", "-c", "echo x > /usr/local/bin/tool"],
                         capture_output=True, text=True, timeout=120)

@@ -49,6 +49,9 @@ def test_the_hint_sees_erofs_split_across_chunks() -> None:
     for chunk in ["sh: 1: cannot create /usr/bin/x: Read-on", "ly file sys", "tem\n"]:
         seen.feed(chunk)
     assert seen.seen
+    apt = _ReadOnlyRootSeen()
+    apt.feed("W: Not using locking for read only lock file /var/lib/dpkg/lock\n")
+    assert apt.seen
     other = _ReadOnlyRootSeen()
     other.feed("No space left on device\n")
     assert not other.seen

@@ -428,7 +428,10 @@ READ_ONLY_ROOT_HINT = (
 
 
 class _ReadOnlyRootSeen:
-    """Whether a command's stderr said EROFS (kept: a short tail, for split chunks)."""
+    """Whether a command's stderr said EROFS, or apt that its lock is read-only (kept: a
+    short tail, for split chunks)."""
+
+    SIGNS = ("Read-only file system", "read only lock file")
 
     def __init__(self) -> None:
         self.seen = False
@@ -437,7 +440,7 @@ class _ReadOnlyRootSeen:
     def feed(self, text: str) -> None:
         if not self.seen:
             window = self._tail + text
-            self.seen = "Read-only file system" in window
+            self.seen = any(sign in window for sign in self.SIGNS)
             self._tail = window[-32:]
 
 
