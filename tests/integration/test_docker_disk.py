@@ -115,7 +115,7 @@ def test_snapshot_restore_and_fork_keep_the_data_and_the_limit(make_sandbox: Any
                                                                engine: Any) -> None:
     sb = make_sandbox(disk="100MB")
     sb.commands.run("echo v1 > /workspace/f; mkdir -p /usr/local/lib/x && echo lib > "
-                    "/usr/local/lib/x/y; truncate -s 1T /workspace/sparse")
+                    "/usr/local/lib/x/y; truncate -s 1T /workspace/sparse; rm /root/.bashrc")
     snap = sb.snapshot("s1")  # the 1 TB hole stays a hole on the host and back
     assert snap.get("layout") == "disk"
     sb.commands.run("echo v2 > /workspace/f; rm -r /usr/local/lib/x; echo new > /tmp/n")
@@ -123,15 +123,21 @@ def test_snapshot_restore_and_fork_keep_the_data_and_the_limit(make_sandbox: Any
     assert sb.commands.run("cat /workspace/f /usr/local/lib/x/y; test -e /tmp/n"
                            ).stdout == "v1\nlib\n"
     assert sb.commands.run("stat -c '%s %b' /workspace/sparse").stdout == f"{1 << 40} 0\n"
+    # a file of the image deleted before the snapshot stays deleted; one kept stays
+    assert sb.commands.run("test ! -e /root/.bashrc && test -f /root/.profile").exit_code == 0
     assert fill(sb, "/workspace/big")[0] == errno.ENOSPC
     sb.commands.run("rm /workspace/big")
 
+    fresh = make_sandbox(disk="100MB")
+    assert fresh.commands.run("test -f /root/.bashrc").exit_code == 0  # the seed is intact
     fork = engine.fork(f"{sb.name}-fork", sb.name, "s1")
     try:
         from aiva.sdk import Sandbox
 
         f = Sandbox.connect(fork.name, engine=engine)
         assert f.commands.run("cat /workspace/f /usr/local/lib/x/y").stdout == "v1\nlib\n"
+        assert f.commands.run("test ! -e /root/.bashrc && test -f /root/.profile"
+                              ).exit_code == 0
         assert fill(f, "/tmp/big")[0] == errno.ENOSPC
         assert docker_disk.image_path(fork.id) != docker_disk.image_path(sb.id)
     finally:
@@ -189,6 +195,8 @@ def test_with_enforcement_off_a_sandbox_has_a_volume_and_a_writable_root(
     sb.restore("s1")
     assert sb.commands.run("cat /workspace/f /etc/marker").stdout == "v1\nr1\n"
     monkeypatch.undo()  # a fork of it gets a disk, the workdir filled from the volume
+    fresh = make_sandbox(disk="100MB")
+    assert fresh.commands.run("test -f /root/.bashrc").exit_code == 0  # the seed is intact
     fork = engine.fork(f"{sb.name}-fork", sb.name, "s1")
     try:
         assert "disk" in fork.runtime

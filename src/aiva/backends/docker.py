@@ -166,22 +166,28 @@ class DockerBackend(Backend):
 
     def _make_disk(self, sb: SandboxInfo, image_id: str,
                    copy_from: dict[str, Any] | None) -> None:
-        """The sandbox's ext4 disk: the image's files at the writable paths, or all of
-        a snapshot's (a snapshot of a volume sandbox fills only the workdir)."""
+        """The sandbox's ext4 disk under the image's files at the writable paths, then
+        filled from the snapshot ``copy_from`` if any."""
+        pairs = docker_disk.layout(sb.spec)
+        docker_disk.make(sb.id, sb.spec.disk)
+        docker_disk.populate(sb.id, pairs, docker_disk.seed(
+            self.client, image_id, pairs, labels_for(sb)))
+        if copy_from is not None:
+            self._fill_disk(sb, copy_from, image_id)
+
+    def _fill_disk(self, sb: SandboxInfo, snap: dict[str, Any], image_id: str) -> None:
+        """The disk as the snapshot saved it (through the overlays, so files of the image
+        deleted before the snapshot stay deleted); a snapshot of a volume sandbox fills
+        only the workdir."""
         import docker
 
-        pairs = docker_disk.layout(sb.spec)
-        mnt = docker_disk.make(sb.id, sb.spec.disk)
-        whole = copy_from is not None and copy_from.get("layout") == "disk"
-        if not whole:
-            docker_disk.populate(sb.id, pairs, docker_disk.seed(
-                self.client, image_id, pairs, labels_for(sb)))
-        if copy_from is not None:
-            target = mnt if whole else mnt / docker_disk.WORK
-            self._copy(sb, docker.types.Mount("/from", copy_from["volume"], type="volume",
-                                              read_only=True),
-                       docker.types.Mount("/to", str(target), type="bind"), image_id)
-            docker_disk.ensure_layout(sb.id, pairs)
+        src = docker.types.Mount("/from", snap["volume"], type="volume", read_only=True)
+        dst = docker_disk.copy_mounts(sb.id, sb.spec, "/to", read_only=False)
+        if snap.get("layout") != "disk":
+            dst = [m for m in dst if m["Target"] == f"/to/{docker_disk.WORK}"]
+            src = docker.types.Mount(f"/from/{docker_disk.WORK}", snap["volume"],
+                                     type="volume", read_only=True)
+        self._copy(sb, [src], dst, image_id, clear=True)
 
     # ------------------------------------------------------------------ egress allow-list
 
@@ -476,10 +482,10 @@ class DockerBackend(Backend):
             volume = self.client.volumes.create(name=f"aiva-snap-{sb.short_id}-{tag}",
                                                 labels=marks)
             if "disk" in sb.runtime:  # all of the disk: the root is read-only
-                mnt = docker_disk.ensure_mounted(sb.id)
-                self._copy(sb, docker.types.Mount("/from", str(mnt), type="bind",
-                                                  read_only=True),
-                           docker.types.Mount("/to", volume.name, type="volume"), image.id)
+                docker_disk.ensure_mounted(sb.id)
+                self._copy(sb, docker_disk.copy_mounts(sb.id, sb.spec, "/from",
+                                                       read_only=True),
+                           [docker.types.Mount("/to", volume.name, type="volume")], image.id)
             else:
                 self._copy_volume(sb, sb.runtime["volume"], volume.name, image.id)
         except (docker.errors.APIError, BackendError) as exc:
@@ -497,15 +503,8 @@ class DockerBackend(Backend):
         was_running = old.status in ("running", "paused")
         old.remove(force=True)
         if "disk" in sb.runtime:
-            import docker
-
-            mnt = docker_disk.ensure_mounted(sb.id)
-            target = mnt if snap.get("layout") == "disk" else mnt / docker_disk.WORK
-            self._copy(sb, docker.types.Mount("/from", snap["volume"], type="volume",
-                                              read_only=True),
-                       docker.types.Mount("/to", str(target), type="bind"), snap["image"],
-                       clear=True)
-            docker_disk.ensure_layout(sb.id, docker_disk.layout(sb.spec))
+            docker_disk.ensure_mounted(sb.id)
+            self._fill_disk(sb, snap, snap["image"])
         else:
             self._copy_volume(sb, snap["volume"], sb.runtime["volume"], snap["image"],
                               clear=True)
@@ -543,19 +542,22 @@ class DockerBackend(Backend):
         """Copy one volume into another with a throwaway container of a known image."""
         import docker
 
-        self._copy(sb, docker.types.Mount("/from", src, type="volume", read_only=True),
-                   docker.types.Mount("/to", dst, type="volume"), image_id, clear=clear)
+        self._copy(sb, [docker.types.Mount("/from", src, type="volume", read_only=True)],
+                   [docker.types.Mount("/to", dst, type="volume")], image_id, clear=clear)
 
-    def _copy(self, sb: SandboxInfo, src: Any, dst: Any, image_id: str,
+    def _copy(self, sb: SandboxInfo, src: list[Any], dst: list[Any], image_id: str,
               clear: bool = False) -> None:
-        """Copy the tree at mount ``src`` (/from) into ``dst`` (/to) with a throwaway
+        """Copy the tree under /from (mounts ``src``) into /to (mounts ``dst``: one at /to,
+        or one per directory below it, whose contents ``clear`` empties) with a throwaway
         container of a known image; on a disk, a copy too big ends in ENOSPC."""
-        script = ("find /to -mindepth 1 -delete && " if clear else "") + "cp -a /from/. /to/"
+        depth = 1 if [m["Target"] for m in dst] == ["/to"] else 2
+        script = (f"find /to -mindepth {depth} -delete && " if clear else "") \
+            + "cp -a /from/. /to/"
         helper = self.client.containers.run(
             image_id, entrypoint=["/bin/sh", "-c", script], command=[], detach=True,
             labels=labels_for(sb) | {"aiva.purpose": "volume-copy"}, network_mode="none",
             # the tree is the sandbox's: no device nodes made from it, no setuid gained
-            cap_drop=["MKNOD"], security_opt=["no-new-privileges"], mounts=[src, dst])
+            cap_drop=["MKNOD"], security_opt=["no-new-privileges"], mounts=[*src, *dst])
         try:
             result = helper.wait(timeout=600)
             if result.get("StatusCode") != 0:

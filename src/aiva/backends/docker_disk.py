@@ -33,11 +33,13 @@ enforce_docker_disk: false`` in config.yaml turns this off (a writable root, no 
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -63,6 +65,7 @@ RUN_TMPFS = {"/run": "rw,nosuid,nodev,noexec,size=32m,mode=755"}
 MOUNT_OPTIONS = "loop,nosuid,nodev,noatime,noinit_itable"
 _ID = re.compile(r"^[0-9a-f][0-9a-f-]{7,63}$")
 _TIMEOUT = 120.0
+LAYERS = "layers.json"  # sub-directory -> the image's seed below it (an overlay)
 
 
 def disks_root() -> Path:
@@ -142,13 +145,16 @@ def is_mounted(sandbox_id: str) -> bool:
 def ensure_mounted(sandbox_id: str) -> Path:
     """Mount the disk if it is not (after a reboot): before anything uses it."""
     mnt = mount_point(sandbox_id)
-    if not os.path.ismount(mnt):
+    if os.path.ismount(mnt):
+        _mount_layers(sandbox_id)
+    else:
         img = image_path(sandbox_id)
         if not img.is_file() or img.is_symlink():
             raise BackendError(f"the disk image of sandbox {sandbox_id[:12]} is missing "
                                f"({img})", hint="remove the sandbox and create it again")
         mnt.mkdir(mode=0o700, exist_ok=True)
         _mount(img, mnt)
+        _mount_layers(sandbox_id)
     return mnt
 
 
@@ -157,9 +163,17 @@ def unmount(sandbox_id: str) -> None:
     mnt = mount_point(sandbox_id)
     if not os.path.ismount(mnt):
         return
-    if subprocess.run(["umount", str(mnt)], capture_output=True,
+    for sub in _layers(sandbox_id):  # the overlays first: they sit on the disk
+        _umount(_view(sandbox_id, sub))
+    _umount(mnt)
+
+
+def _umount(path: Path) -> None:
+    if not os.path.ismount(path):
+        return
+    if subprocess.run(["umount", str(path)], capture_output=True,
                       timeout=_TIMEOUT).returncode != 0:
-        _run(["umount", "-l", str(mnt)], "unmount the disk")
+        _run(["umount", "-l", str(path)], "unmount the disk")
 
 
 def remove(sandbox_id: str) -> None:
@@ -190,13 +204,74 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def populate(sandbox_id: str, pairs: list[tuple[str, str]], seed: Path | None) -> None:
-    """Copy the image's seed onto the fresh disk, then make every missing directory of
-    the layout with the mode the image would have had."""
+    """Lay the image's files under the fresh disk: a path where the image has files
+    becomes an overlay (the image's seed below, read-only; the disk's directory above,
+    where every write goes), so a create copies nothing; any other path is a directory
+    of the disk with the image's mode."""
     mnt = mount_point(sandbox_id)
-    if seed is not None and any(seed.iterdir()):
-        # -a never follows a link; the seed is the image's own content, not the sandbox's
-        _run(["cp", "-a", f"{seed}/.", f"{mnt}/"], "seed the disk from the image")
+    layers: dict[str, str] = {}
+    for _, sub in pairs:
+        lower = seed / sub if seed is not None else None
+        if lower is not None and lower.is_dir() and not lower.is_symlink():
+            _mkdir_like(mnt / sub, lower)
+            if any(lower.iterdir()):
+                (mnt / ".ovl").mkdir(mode=0o700, exist_ok=True)
+                (mnt / ".ovl" / sub).mkdir(mode=0o700)
+                layers[sub] = str(lower)
+    fd = os.open(disk_dir(sandbox_id) / LAYERS,
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(layers))
     ensure_layout(sandbox_id, pairs)
+    _mount_layers(sandbox_id)
+
+
+def _mkdir_like(target: Path, like: Path) -> None:
+    st = os.lstat(like)
+    os.mkdir(target)
+    os.chown(target, st.st_uid, st.st_gid)
+    os.chmod(target, stat.S_IMODE(st.st_mode))
+
+
+def _layers(sandbox_id: str) -> dict[str, str]:
+    try:
+        data = json.loads((disk_dir(sandbox_id) / LAYERS).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise BackendError(f"the disk of {sandbox_id[:12]} has a bad {LAYERS}") from exc
+    if not isinstance(data, dict):
+        raise BackendError(f"the disk of {sandbox_id[:12]} has a bad {LAYERS}")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def _view(sandbox_id: str, sub: str) -> Path:
+    """Where the overlay of ``sub`` is mounted: inside the disk, so that without the
+    disk there is no such directory (and no container start)."""
+    return mount_point(sandbox_id) / ".view" / sub
+
+
+def bind_source(sandbox_id: str, sub: str, layers: dict[str, str]) -> Path:
+    return _view(sandbox_id, sub) if sub in layers else mount_point(sandbox_id) / sub
+
+
+def _mount_layers(sandbox_id: str) -> None:
+    mnt = mount_point(sandbox_id)
+    for sub, lower in _layers(sandbox_id).items():
+        view = _view(sandbox_id, sub)
+        if os.path.ismount(view):
+            continue
+        if not Path(lower).is_dir():
+            raise BackendError(f"the image files under the disk of {sandbox_id[:12]} are "
+                               f"gone ({lower})", hint="remove the sandbox and create it "
+                               "again (its data is in " + str(mnt / sub) + ")")
+        view.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if any(c in str(p) for p in (lower, mnt) for c in ",:\n"):
+            raise BackendError(f"an overlay cannot name {mnt} or {lower} (a ',' or ':' in "
+                               "the path)", hint="use an AIVA_HOME without ',' and ':'")
+        opts = f"lowerdir={lower},upperdir={mnt / sub},workdir={mnt / '.ovl' / sub}"
+        _run(["mount", "-t", "overlay", "overlay", "-o", f"{opts},nosuid,nodev",
+              str(view)], "mount the image's files over the disk")
 
 
 def ensure_layout(sandbox_id: str, pairs: list[tuple[str, str]]) -> None:
@@ -269,9 +344,21 @@ def docker_mounts(sandbox_id: str, spec: SandboxSpec) -> list[Any]:
     only while the disk is mounted, so Docker cannot start the container without it."""
     import docker
 
-    mnt = mount_point(sandbox_id)
-    return [docker.types.Mount(guest, str(mnt / sub), type="bind")
+    layers = _layers(sandbox_id)
+    return [docker.types.Mount(guest, str(bind_source(sandbox_id, sub, layers)), type="bind")
             for guest, sub in layout(spec)]
+
+
+def copy_mounts(sandbox_id: str, spec: SandboxSpec, at: str, *, read_only: bool
+                ) -> list[Any]:
+    """The disk's directories as the sandbox sees them (overlays merged), each at
+    ``at/<sub>`` in a helper container: what a snapshot saves and a restore refills."""
+    import docker
+
+    layers = _layers(sandbox_id)
+    return [docker.types.Mount(f"{at}/{sub}", str(bind_source(sandbox_id, sub, layers)),
+                               type="bind", read_only=read_only)
+            for _, sub in layout(spec)]
 
 
 # ---------------------------------------------------------------------- orphans
