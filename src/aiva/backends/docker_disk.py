@@ -20,10 +20,15 @@ start the container: a sandbox never writes to the host's disk instead of its ow
 
 What is on the disk (see ``layout``): the workdir (``work/``) and the paths an agent
 expects to write (``/root``, ``/home``, ``/tmp``, ``/var/tmp``, ``/usr/local``,
-``/opt``, and ``/app`` for ``aiva deploy``), seeded from the image once so nothing the
-image had there disappears. /run is a small tmpfs (counted against the sandbox's
-memory). Everything else is the image, read-only: ``apt-get install`` fails with EROFS;
-``aiva image derive`` makes an image with more packages.
+``/opt``, and ``/app`` for ``aiva deploy``). Where the image has files at such a path
+they must not disappear, and copying them onto every disk costs (96 MB of /opt in an MCP
+image took ~0.8 s a create): so the image's files there are copied out once per image
+(the seed, ``disks/.seed/``, made by a helper container) and the path is an overlay with
+the seed below, read-only, and the disk's directory above, where every write (and
+deletion) goes; it is mounted inside the disk, so it too exists only while the disk is
+mounted. /run is a small tmpfs (counted against the sandbox's memory). Everything else
+is the image, read-only: ``apt-get install`` fails with EROFS; ``aiva image derive``
+makes an image with more packages.
 
 ``rm`` unmounts (the loop device goes); the image file stays, as Docker kept the data
 volume, unless ``--volumes``. A kept disk is a plain directory, removable with ``rm -r``.
@@ -290,8 +295,9 @@ def ensure_layout(sandbox_id: str, pairs: list[tuple[str, str]]) -> None:
 
 def seed(client: Any, image_id: str, pairs: list[tuple[str, str]],
          labels: dict[str, str]) -> Path:
-    """The image's content at each layout path, copied once per image and kept under
-    ``disks/.seed/``: later disks of that image copy it on the host, no container."""
+    """The image's content at each layout path, copied out once per image and kept
+    under ``disks/.seed/`` (never changed, never removed: it lies under the overlays of
+    every disk of that image)."""
     key = image_id.split(":")[-1][:32] + "-" + _digest([g for g, _ in pairs])
     root = disks_root() / ".seed"
     done = root / key
