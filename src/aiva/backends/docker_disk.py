@@ -47,6 +47,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,12 +174,19 @@ def unmount(sandbox_id: str) -> None:
     _umount(mnt)
 
 
-def _umount(path: Path) -> None:
-    if not os.path.ismount(path):
-        return
-    if subprocess.run(["umount", str(path)], capture_output=True,
-                      timeout=_TIMEOUT).returncode != 0:
-        _run(["umount", "-l", str(path)], "unmount the disk")
+def _umount(path: Path, *, patience: float = 5.0) -> None:
+    """Unmount; a container just removed may hold the mount for a moment (its mount
+    namespace goes after it), so retry for ``patience`` s, then detach lazily (the
+    kernel frees it, and the loop device, once the last user is gone)."""
+    deadline = time.monotonic() + patience
+    while os.path.ismount(path):
+        if subprocess.run(["umount", str(path)], capture_output=True,
+                          timeout=_TIMEOUT).returncode == 0:
+            return
+        if time.monotonic() >= deadline:
+            _run(["umount", "-l", str(path)], "unmount the disk")
+            return
+        time.sleep(0.1)
 
 
 def remove(sandbox_id: str) -> None:
