@@ -188,7 +188,7 @@ def test_orphan_disks_of_this_home_are_unmounted(engine: Any) -> None:
         docker_disk.remove(sid)
 
 
-def test_a_disk_below_the_image_content_is_a_clear_error(make_sandbox: Any) -> None:
+def test_a_tiny_disk_is_a_clear_error(make_sandbox: Any) -> None:
     with pytest.raises(errors.AivaError):
         make_sandbox(disk="1KB")
 
