@@ -90,7 +90,7 @@ def test_a_full_disk_is_enospc_everywhere_writable_and_the_host_keeps_its_space(
     # freed again: the sandbox goes on working
     assert sb.commands.run("python3 -m venv --without-pip /tmp/venv && "
                            "/tmp/venv/bin/python -c 'print(1)'").stdout == "1\n"
-    assert "(enforced" in output._disk(sb.info)
+    assert "(enforced" in output._disk(sb.info) and " used" in output._disk(sb.info)
 
 
 def test_the_system_image_is_read_only(make_sandbox: Any) -> None:

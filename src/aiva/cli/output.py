@@ -269,4 +269,20 @@ def _disk(sb: SandboxInfo) -> str:
         return limit
     if "volume" in sb.runtime and "disk" not in sb.runtime:
         return f"{limit} (not enforced: writable root; enforce_docker_disk was off)"
-    return f"{limit} (enforced: its own ext4 disk, read-only root)"
+    return f"{limit}{_disk_used(sb.id)} (enforced: its own ext4 disk, read-only root)"
+
+
+def _disk_used(sandbox_id: str) -> str:
+    """", N used" while the disk is mounted on this host (after a reboot it may not be)."""
+    import os
+
+    from aiva.backends import docker_disk
+    from aiva.errors import AivaError
+
+    try:
+        if not docker_disk.is_mounted(sandbox_id):
+            return ""
+        st = os.statvfs(docker_disk.mount_point(sandbox_id))
+    except (OSError, AivaError):
+        return ""
+    return f", {format_size((st.f_blocks - st.f_bfree) * st.f_frsize)} used"
