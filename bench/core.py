@@ -7,7 +7,7 @@ next to the Docker way of doing the same thing, on the same image, on the same h
 the same run (numbers from different runs or machines are not comparable):
 
 1. cold create -> first exec: ``Sandbox.create`` + ``commands.run(["true"])`` vs
-   ``docker run --rm IMAGE true``.
+   ``docker run --rm IMAGE true``; 1b: of which the sandbox's bounded disk.
 2. exec latency of ``true`` in a running sandbox vs the Docker SDK's ``exec_run`` and
    the ``docker exec`` CLI against a container of the same image.
 3. file throughput, 100 MB each way, vs ``docker cp`` in and out.
@@ -186,6 +186,44 @@ def fig_create(c: Counts, boxes: Boxes, rep: Report) -> tuple[float, float]:
                         "docker run --rm", p * 1e3, r, "aiva/peer", "<= 1.2", r <= 1.2))
     rep.samples["create_ms"] = {"aiva": ms(aiva), "docker_run": ms(peer)}
     return a, p
+
+
+def fig_disk(c: Counts, client: Any, rep: Report) -> None:
+    """Figure 1b: the part of a create that makes the bounded disk of a Docker sandbox
+    (a sparse ext4 image, its loop mount and the overlays over the per-image seed),
+    and its removal. Part of figure 1's time, so no peer."""
+    import uuid
+
+    from aiva.backends import docker_disk
+    from aiva.errors import BackendError
+    from aiva.models import SandboxSpec
+
+    try:
+        if not docker_disk.enforced():
+            return
+    except BackendError:  # not root: aiva cannot make disks here
+        return
+    progress(f"[bold]1b. the disk of a create[/bold]: {c.create} runs")
+    spec = SandboxSpec(image=IMAGE, cpus=1, memory=1 << 30, disk=20 << 30)
+    pairs = docker_disk.layout(spec)
+    seed = docker_disk.seed(client, client.images.get(IMAGE).id, pairs,
+                            {"aiva.managed": "true", **PEER_LABELS})
+    made: list[float] = []
+    removed: list[float] = []
+    for _ in range(c.create):
+        sid = str(uuid.uuid4())
+        t0 = time.perf_counter()
+        docker_disk.make(sid, spec.disk)
+        docker_disk.populate(sid, pairs, seed)
+        t1 = time.perf_counter()
+        docker_disk.remove(sid)
+        made.append(t1 - t0)
+        removed.append(time.perf_counter() - t1)
+    rep.rows.append(Row("1b disk make+seed", f"median of {c.create}", "ms",
+                        statistics.median(made) * 1e3))
+    rep.rows.append(Row("1b disk remove", f"median of {c.create}", "ms",
+                        statistics.median(removed) * 1e3))
+    rep.samples["disk_ms"] = {"make": ms(made), "remove": ms(removed)}
 
 
 def fig_exec(c: Counts, boxes: Boxes, peer: Any, rep: Report) -> None:
@@ -428,6 +466,7 @@ class Resources:
 
 def run(c: Counts, res: Resources, rep: Report) -> None:
     single = fig_create(c, res.boxes, rep)
+    fig_disk(c, docker.from_env(), rep)
     fig_exec(c, res.boxes, res.peer(), rep)
     fig_files(c, res.boxes, res.peer(), res.tmp, rep)
     fig_parallel(c, res.boxes, single, rep)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,4 +115,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if left or vols:
             print(f"\nLEAK: tests left containers {left} and volumes {vols} (now removed)")
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    mounted = [d for d in (TEST_HOME / "disks").glob("*/mnt") if os.path.ismount(d)]
+    for mnt in mounted:  # never delete through a mount: unmount (the loop device goes)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    if mounted:
+        print(f"\nLEAK: tests left disks mounted {[str(m) for m in mounted]} (now unmounted)")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     shutil.rmtree(TEST_HOME, ignore_errors=True)

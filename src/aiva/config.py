@@ -94,6 +94,9 @@ class Defaults(_Section):
     idle_timeout: float | None = Field(default=None, gt=0)
     on_timeout: OnTimeout = "stop"
     restart: RestartPolicy = "no"
+    # Docker: a read-only root and the writable paths on an ext4 image of --disk bytes
+    # (backends/docker_disk.py); false gives a writable root with no disk limit
+    enforce_docker_disk: bool = True
 
 
 class LinuxPlatform(_Section):

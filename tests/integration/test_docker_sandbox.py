@@ -78,21 +78,22 @@ def test_force_stop_kills_at_once(make_sandbox: Any, docker_ok: Any) -> None:
     assert attrs["State"]["ExitCode"] == 137
 
 
-def test_rm_keeps_volume_unless_asked(engine: Any, make_sandbox: Any, docker_ok: Any) -> None:
+def test_rm_keeps_the_disk_unless_asked(engine: Any, make_sandbox: Any, docker_ok: Any) -> None:
+    from aiva.backends import docker_disk
+
     sb = make_sandbox()
-    volume = sb.info.runtime["volume"]
+    assert "volume" not in sb.info.runtime and sb.info.runtime["disk"] == sb.info.spec.disk
+    image = docker_disk.image_path(sb.id)
     cid = sb.info.runtime["container_id"]
     engine.delete(sb.name)
     assert not engine.exists(sb.name)
     assert not docker_ok.containers.list(all=True, filters={"id": cid})
-    vol = docker_ok.volumes.get(volume)
-    assert vol.attrs["Labels"]["aiva.sandbox_id"] == sb.id
-    vol.remove()
+    assert image.is_file() and not docker_disk.is_mounted(sb.id)  # kept, detached
+    docker_disk.remove(sb.id)
 
     sb2 = make_sandbox()
-    volume2 = sb2.info.runtime["volume"]
     engine.delete(sb2.name, volumes=True)
-    assert not docker_ok.volumes.list(filters={"name": volume2})
+    assert not docker_disk.disk_dir(sb2.id).exists()
 
 
 def test_reconcile_shows_outside_kill_and_removal(make_sandbox: Any, docker_ok: Any) -> None:
@@ -283,16 +284,16 @@ def test_snapshot_restore_fork_filesystem_only(make_sandbox: Any, engine: Any,
 
     sb = make_sandbox()
     sb.files.write("/workspace/data.txt", "v1")
-    sb.commands.run("echo root-v1 > /etc/aiva-marker")
+    sb.commands.run("echo root-v1 > /usr/local/aiva-marker")  # the root is read-only
     snap = sb.snapshot("s1")
     assert snap["memory"] is False  # Docker keeps no process state, and says so
     sb.files.write("/workspace/data.txt", "v2")
-    sb.commands.run("echo root-v2 > /etc/aiva-marker; touch /workspace/new.txt")
+    sb.commands.run("echo root-v2 > /usr/local/aiva-marker; touch /workspace/new.txt")
 
     sb.restore("s1")
     assert sb.state == State.RUNNING
     assert sb.files.read("/workspace/data.txt") == "v1"
-    assert sb.commands.run("cat /etc/aiva-marker").stdout == "root-v1\n"
+    assert sb.commands.run("cat /usr/local/aiva-marker").stdout == "root-v1\n"
     assert not sb.files.exists("/workspace/new.txt")
 
     fork = Sandbox.from_snapshot(sb.name, "s1", engine=engine)

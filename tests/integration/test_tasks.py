@@ -269,14 +269,14 @@ def test_a_failed_gate_rolls_back_and_records_the_lesson(engine: Any, tmp_path: 
     spies: list[SpyPool] = []
 
     def spy_on(pool: WarmPool) -> SpyPool:
-        spies.append(SpyPool(pool, engine, "/etc/issue"))
+        spies.append(SpyPool(pool, engine, "/root/.profile"))
         return spies[0]
 
     with scheduling(engine, cfg, wrap=spy_on) as (sched, _pool, store):
         spy = spies[0]
         mark = last_event_id(engine)
         task = store.add(Task(
-            command=shell("echo 'ANSWER = 41' > app.py; echo broken >> /etc/issue; "
+            command=shell("echo 'ANSWER = 41' > app.py; echo broken >> /root/.profile; "
                           "echo edited app.py; echo warned >&2"),
             workspace=str(ws), gate="python3 test_app.py"))
         with ticking(sched):
@@ -297,7 +297,7 @@ def test_a_failed_gate_rolls_back_and_records_the_lesson(engine: Any, tmp_path: 
         assert f"pre-{task.id}" in [s["tag"] for s in engine.snapshots(name)]
         assert name not in spy.at_release  # never given back to the pool
         engine.start(name)
-        assert engine.read_file(name, "/etc/issue").decode() == spy.at_claim[name]
+        assert engine.read_file(name, "/root/.profile").decode() == spy.at_claim[name]
         assert "task" not in engine.exec(name, "ls /workspace").stdout.split()
         # on the host: nothing pulled back
         assert (ws / "app.py").read_text() == "ANSWER = 42\n"

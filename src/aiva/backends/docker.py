@@ -5,7 +5,11 @@ mounted read-only from ``AIVA_HOME/agent``; the agent listens on a Unix socket i
 per-sandbox host directory bind-mounted into the container, so every aiva process talks
 to it directly with no ``docker exec`` (and no dockerd) on the path. The agent is also the
 container's /dev/log and writes the guest's syslog to ``syslog.jsonl`` in that directory.
-A named volume, mounted at the sandbox's workdir, holds its data across stop/start.
+Its root filesystem is read-only; the workdir and the other writable paths live on an
+ext4 image of ``spec.disk`` bytes (``docker_disk``), so a sandbox that fills its disk gets
+ENOSPC and the host's free space moves by at most that much. The disk holds the data
+across stop/start. (Sandboxes made before, or with ``enforce_docker_disk: false``, have
+a writable root and a named volume at the workdir instead: both still work.)
 
 Everything aiva creates carries ``aiva.managed=true`` and ``aiva.sandbox_id``; aiva never
 touches a container or volume without them.
@@ -22,6 +26,7 @@ from typing import Any
 
 from aiva import egress, images, paths
 from aiva.agent_client import Transport, connect_unix
+from aiva.backends import docker_disk
 from aiva.backends.base import Backend, LogLine, Observed
 from aiva.config import aiva_home
 from aiva.errors import BackendError, BackendUnavailable, ImageError
@@ -113,12 +118,14 @@ class DockerBackend(Backend):
         images.check_python(self.client, image)
         return self._create(sb, image.id)
 
-    def _create(self, sb: SandboxInfo, image_id: str, *, copy_from: str | None = None
-                ) -> dict[str, Any]:
-        """Volume (empty, or a copy of ``copy_from``) and container; undone on failure."""
+    def _create(self, sb: SandboxInfo, image_id: str, *,
+                copy_from: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Disk (seeded from the image, or a copy of the snapshot ``copy_from``) and
+        container; undone on failure."""
         import docker
 
         volume = None
+        disk = False
         pinned = None
         if egress.mode_of(sb.spec.network) == "allow":  # names resolved now, then pinned
             egress.check_host()
@@ -127,14 +134,21 @@ class DockerBackend(Backend):
         try:
             if pinned is not None:
                 self._make_network(sb)
-            volume = self.client.volumes.create(name=f"aiva-{sb.name}-{sb.short_id}",
-                                                labels=labels_for(sb))
-            if copy_from is not None:
-                self._copy_volume(sb, copy_from, volume.name, image_id)
-            container = self._make_container(sb, image_id, volume.name)
+            if docker_disk.enforced():
+                disk = True
+                self._make_disk(sb, image_id, copy_from)
+            else:
+                volume = self.client.volumes.create(name=f"aiva-{sb.name}-{sb.short_id}",
+                                                    labels=labels_for(sb))
+                if copy_from is not None:
+                    self._copy_volume(sb, copy_from["volume"], volume.name, image_id)
+            container = self._make_container(sb, image_id,
+                                             None if volume is None else volume.name)
         except BaseException as exc:
             if volume is not None:
                 volume.remove(force=True)
+            if disk:
+                docker_disk.remove(sb.id)
             if pinned is not None:
                 self._remove_network(sb)
             if isinstance(exc, docker.errors.ImageNotFound):
@@ -144,11 +158,36 @@ class DockerBackend(Backend):
             raise
         return {
             "container_id": container.id,
-            "volume": volume.name,
+            **({"volume": volume.name} if volume is not None else {"disk": sb.spec.disk}),
             "image_id": image_id,
             "agent_socket": str(paths.run_dir(sb.id) / SOCKET_NAME),
             **({"egress": pinned} if pinned is not None else {}),
         }
+
+    def _make_disk(self, sb: SandboxInfo, image_id: str,
+                   copy_from: dict[str, Any] | None) -> None:
+        """The sandbox's ext4 disk under the image's files at the writable paths, then
+        filled from the snapshot ``copy_from`` if any."""
+        pairs = docker_disk.layout(sb.spec)
+        docker_disk.make(sb.id, sb.spec.disk)
+        docker_disk.populate(sb.id, pairs, docker_disk.seed(
+            self.client, image_id, pairs, labels_for(sb)))
+        if copy_from is not None:
+            self._fill_disk(sb, copy_from, image_id)
+
+    def _fill_disk(self, sb: SandboxInfo, snap: dict[str, Any], image_id: str) -> None:
+        """The disk as the snapshot saved it (through the overlays, so files of the image
+        deleted before the snapshot stay deleted); a snapshot of a volume sandbox fills
+        only the workdir."""
+        import docker
+
+        src = docker.types.Mount("/from", snap["volume"], type="volume", read_only=True)
+        dst = docker_disk.copy_mounts(sb.id, sb.spec, "/to", read_only=False)
+        if snap.get("layout") != "disk":
+            dst = [m for m in dst if m["Target"] == f"/to/{docker_disk.WORK}"]
+            src = docker.types.Mount(f"/from/{docker_disk.WORK}", snap["volume"],
+                                     type="volume", read_only=True)
+        self._copy(sb, [src], dst, image_id, clear=True)
 
     # ------------------------------------------------------------------ egress allow-list
 
@@ -230,7 +269,13 @@ class DockerBackend(Backend):
         rules = egress.reap_docker(lambda: {i[:8] for i in ids})
         return sorted(gone | {s for s in rules if not any(g.startswith(s) for g in gone)})
 
-    def _make_container(self, sb: SandboxInfo, image_id: str, volume: str) -> Any:
+    def reap_disks(self, known: Callable[[], set[str]]) -> list[str]:
+        """Unmount the disks of this AIVA_HOME whose sandbox is gone (orphan containers
+        go first); their images stay, as kept volumes do."""
+        return docker_disk.reap(known)
+
+    def _make_container(self, sb: SandboxInfo, image_id: str, volume: str | None) -> Any:
+        """The container; ``volume`` None: on the sandbox's disk with a read-only root."""
         import docker
 
         spec = sb.spec
@@ -253,8 +298,11 @@ class DockerBackend(Backend):
             labels=labels_for(sb) | {f"aiva.label.{k}": v for k, v in spec.labels.items()},
             environment=spec.env,
             working_dir=spec.workdir,
+            read_only=volume is None,
+            tmpfs=docker_disk.RUN_TMPFS if volume is None else None,
             mounts=[
-                docker.types.Mount(spec.workdir, volume, type="volume"),
+                *(docker_disk.docker_mounts(sb.id, spec) if volume is None else
+                  [docker.types.Mount(spec.workdir, volume, type="volume")]),
                 docker.types.Mount(RUN_IN_SANDBOX, str(run), type="bind"),
                 docker.types.Mount(AGENT_IN_SANDBOX, str(paths.agent_bundle()),
                                    type="bind", read_only=True),
@@ -279,6 +327,8 @@ class DockerBackend(Backend):
         import docker
 
         c = self._require(sb)
+        if "disk" in sb.runtime:  # after a reboot its mount is gone: first mount it again
+            docker_disk.ensure_mounted(sb.id)
         sock = paths.run_dir(sb.id) / SOCKET_NAME
         sock.unlink(missing_ok=True)  # a stale socket from the last run must not fool us
         if "egress" in sb.runtime:  # rules first: the sandbox never runs without them
@@ -343,7 +393,12 @@ class DockerBackend(Backend):
                     if "already in progress" not in str(exc):
                         raise
                     c.wait(condition="removed", timeout=60)  # an earlier rm is finishing
-            if volumes:
+            if "disk" in sb.runtime:  # unmounted (the loop device goes); kept unless volumes
+                if volumes:
+                    docker_disk.remove(sb.id)
+                else:
+                    docker_disk.unmount(sb.id)
+            if volumes and "volume" in sb.runtime:
                 try:
                     vol = self.client.volumes.get(sb.runtime.get("volume") or "-")
                     if vol.attrs.get("Labels", {}).get("aiva.sandbox_id") == sb.id:
@@ -426,20 +481,34 @@ class DockerBackend(Backend):
                              conf={"Labels": c.labels | marks})
             volume = self.client.volumes.create(name=f"aiva-snap-{sb.short_id}-{tag}",
                                                 labels=marks)
-            self._copy_volume(sb, sb.runtime["volume"], volume.name, image.id)
-        except docker.errors.APIError as exc:
+            if "disk" in sb.runtime:  # all of the disk: the root is read-only
+                docker_disk.ensure_mounted(sb.id)
+                self._copy(sb, docker_disk.copy_mounts(sb.id, sb.spec, "/from",
+                                                       read_only=True),
+                           [docker.types.Mount("/to", volume.name, type="volume")], image.id)
+            else:
+                self._copy_volume(sb, sb.runtime["volume"], volume.name, image.id)
+        except (docker.errors.APIError, BackendError) as exc:
             if volume is not None:
                 volume.remove(force=True)
+            if isinstance(exc, BackendError):
+                raise
             raise BackendError(f"Docker could not snapshot {sb.name}: {_short(exc)}") from exc
-        return {"memory": False, "image": image.id, "volume": volume.name}
+        layout = {"layout": "disk"} if "disk" in sb.runtime else {}
+        return {"memory": False, "image": image.id, "volume": volume.name, **layout}
 
     def restore(self, sb: SandboxInfo, tag: str, snap: dict[str, Any]) -> dict[str, Any]:
         """A new container from the snapshot's image over the data volume as saved."""
         old = self._require(sb)
         was_running = old.status in ("running", "paused")
         old.remove(force=True)
-        self._copy_volume(sb, snap["volume"], sb.runtime["volume"], snap["image"], clear=True)
-        container = self._make_container(sb, snap["image"], sb.runtime["volume"])
+        if "disk" in sb.runtime:
+            docker_disk.ensure_mounted(sb.id)
+            self._fill_disk(sb, snap, snap["image"])
+        else:
+            self._copy_volume(sb, snap["volume"], sb.runtime["volume"], snap["image"],
+                              clear=True)
+        container = self._make_container(sb, snap["image"], sb.runtime.get("volume"))
         runtime: dict[str, Any] = {"container_id": container.id}
         if was_running:
             runtime |= self.start(sb.model_copy(update={"runtime": sb.runtime | runtime}))
@@ -447,7 +516,7 @@ class DockerBackend(Backend):
 
     def create_from_snapshot(self, sb: SandboxInfo, source: SandboxInfo, tag: str,
                              snap: dict[str, Any]) -> dict[str, Any]:
-        return self._create(sb, snap["image"], copy_from=snap["volume"])
+        return self._create(sb, snap["image"], copy_from=snap)
 
     def delete_snapshots(self, sb: SandboxInfo, snaps: list[dict[str, Any]]) -> None:
         import docker
@@ -473,12 +542,22 @@ class DockerBackend(Backend):
         """Copy one volume into another with a throwaway container of a known image."""
         import docker
 
-        script = ("find /to -mindepth 1 -delete && " if clear else "") + "cp -a /from/. /to/"
+        self._copy(sb, [docker.types.Mount("/from", src, type="volume", read_only=True)],
+                   [docker.types.Mount("/to", dst, type="volume")], image_id, clear=clear)
+
+    def _copy(self, sb: SandboxInfo, src: list[Any], dst: list[Any], image_id: str,
+              clear: bool = False) -> None:
+        """Copy the tree under /from (mounts ``src``) into /to (mounts ``dst``: one at /to,
+        or one per directory below it, whose contents ``clear`` empties) with a throwaway
+        container of a known image; on a disk, a copy too big ends in ENOSPC."""
+        depth = 1 if [m["Target"] for m in dst] == ["/to"] else 2
+        script = (f"find /to -mindepth {depth} -delete && " if clear else "") \
+            + "cp -a /from/. /to/"
         helper = self.client.containers.run(
             image_id, entrypoint=["/bin/sh", "-c", script], command=[], detach=True,
             labels=labels_for(sb) | {"aiva.purpose": "volume-copy"}, network_mode="none",
-            mounts=[docker.types.Mount("/from", src, type="volume", read_only=True),
-                    docker.types.Mount("/to", dst, type="volume")])
+            # the tree is the sandbox's: no device nodes made from it, no setuid gained
+            cap_drop=["MKNOD"], security_opt=["no-new-privileges"], mounts=[*src, *dst])
         try:
             result = helper.wait(timeout=600)
             if result.get("StatusCode") != 0:

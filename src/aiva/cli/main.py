@@ -287,7 +287,15 @@ def rm(
     volumes: Annotated[bool, typer.Option("--volumes", "-v", help="also its data volume")] = False,
 ) -> None:
     """Remove a sandbox (stopping it). Its data volume stays unless --volumes."""
-    _engine().delete(name, volumes=volumes)
+    engine = _engine()
+    sb = None if volumes else engine.get(name)
+    engine.delete(name, volumes=volumes)
+    if sb is not None and sb.spec.backend == "docker" and "disk" in sb.runtime:
+        from aiva.backends import docker_disk
+
+        output.ok(f"{name} removed (its disk is kept: {docker_disk.disk_dir(sb.id)}; "
+                  "`rm -r` it when done, or use --volumes next time)")
+        return
     output.ok(f"{name} removed" + ("" if volumes else " (data volume kept; --volumes removes it)"))
 
 
@@ -391,9 +399,12 @@ def exec_(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    erofs = _ReadOnlyRootSeen()
+
     def err(text: str) -> None:
         sys.stderr.write(text)
         sys.stderr.flush()
+        erofs.feed(text)
 
     res = engine.exec(name, argv, env=_kv(env, "an env"), cwd=cwd, user=user, timeout=timeout,
                       stdin=sys.stdin.buffer if interactive else None,
@@ -402,7 +413,35 @@ def exec_(
         output.error(f"the command timed out after {timeout}s; its process group was killed")
         raise typer.Exit(124)
     code = res.exit_code
+    if code != 0 and erofs.seen:
+        sb = engine.get(name)
+        if sb.spec.backend == "docker" and "disk" in sb.runtime:
+            sys.stderr.write(f"hint: {READ_ONLY_ROOT_HINT.format(workdir=sb.spec.workdir)}\n")
     raise typer.Exit(code if code >= 0 else 128 - code)
+
+
+READ_ONLY_ROOT_HINT = (
+    "the system image of a Docker sandbox is read-only, so --disk holds; it writes to "
+    "{workdir}, /root, /home, /tmp, /var/tmp, /usr/local, /opt and /app. For system packages "
+    "(apt-get) make an image: aiva image derive TAG --from IMAGE --run 'apt-get install "
+    "-y PKG', then create the sandbox with --image TAG")
+
+
+class _ReadOnlyRootSeen:
+    """Whether a command's stderr said EROFS, or apt that its lock is read-only (kept: a
+    short tail, for split chunks)."""
+
+    SIGNS = ("Read-only file system", "read only lock file")
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._tail = ""
+
+    def feed(self, text: str) -> None:
+        if not self.seen:
+            window = self._tail + text
+            self.seen = any(sign in window for sign in self.SIGNS)
+            self._tail = window[-32:]
 
 
 def _split_target(text: str) -> tuple[str | None, str]:

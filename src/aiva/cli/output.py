@@ -122,8 +122,7 @@ def sandbox(sb: SandboxInfo, fmt: Fmt, metrics: SandboxMetrics | None = None) ->
         ("image", escape(sb.spec.image)),
         ("profile", sb.spec.profile), ("cpus", cpus_text(sb.spec.cpus)),
         ("memory", format_size(sb.spec.memory)),
-        ("disk", format_size(sb.spec.disk) + " (not enforced by docker)"
-         if sb.spec.backend == "docker" else format_size(sb.spec.disk)),
+        ("disk", _disk(sb)),
         ("workdir", sb.spec.workdir),
         ("ports", ", ".join(sb.runtime.get("ports") or []) or "-"),
         ("network", escape(sb.spec.network if "egress" not in sb.runtime else
@@ -261,3 +260,29 @@ def transfer_progress() -> Iterator[Callable[[str, int, int], None]]:
 
     with progress:
         yield update
+
+
+def _disk(sb: SandboxInfo) -> str:
+    """The limit; on Docker, whether it holds (a sandbox with a volume has no limit)."""
+    limit = format_size(sb.spec.disk)
+    if sb.spec.backend != "docker":
+        return limit
+    if "volume" in sb.runtime and "disk" not in sb.runtime:
+        return f"{limit} (not enforced: writable root; enforce_docker_disk was off)"
+    return f"{limit}{_disk_used(sb.id)} (enforced: its own ext4 disk, read-only root)"
+
+
+def _disk_used(sandbox_id: str) -> str:
+    """", N used" while the disk is mounted on this host (after a reboot it may not be)."""
+    import os
+
+    from aiva.backends import docker_disk
+    from aiva.errors import AivaError
+
+    try:
+        if not docker_disk.is_mounted(sandbox_id):
+            return ""
+        st = os.statvfs(docker_disk.mount_point(sandbox_id))
+    except (OSError, AivaError):
+        return ""
+    return f", {format_size((st.f_blocks - st.f_bfree) * st.f_frsize)} used"
