@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile_kit import FakeAgents, HostileBackend, fresh_connection, set_call_timeout
+from hostile_kit import FakeAgents, HostileBackend, fresh_connection, ha, set_call_timeout
 
 from aiva.config import load_config
 from aiva.engine import Engine
@@ -43,10 +43,20 @@ class Hostile:
         self.agents.kill_all()
 
 
+@pytest.fixture(scope="session")
+def fake_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeAgents]:
+    """The fake agent process, one per session; each test plays its own script."""
+    agents = FakeAgents(tmp_path_factory.mktemp("fake-agent"))
+    yield agents
+    agents.stop()
+
+
 @pytest.fixture
-def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hostile]:
+def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            fake_agents: FakeAgents) -> Iterator[Hostile]:
     set_call_timeout(monkeypatch)
-    agents = FakeAgents(tmp_path)
+    agents = fake_agents
+    agents.play(ha.script())
     engine = Engine(hostile_config())
     engine._backends["docker"] = HostileBackend(agents)
     name = f"hx-{uuid.uuid4().hex[:6]}"

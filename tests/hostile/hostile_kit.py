@@ -69,13 +69,27 @@ def current_umask() -> int:
 
 
 class FakeAgents:
-    """Spawns one fake agent process per connection, each reading the current script."""
+    """One fake agent process serving a Unix socket; every connection reads the current
+    script (and again for every request), so a test changes the script between calls."""
 
     def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self.script_file = workdir / "script.json"
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.socket_path = workdir / "agent.sock"
+        self.socks: list[socket.socket] = []
         self.connects = 0
         self.play(ha.script())
+        env = {**os.environ, "PYTHONPATH": str(SRC)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-S", str(AGENT), "--listen", str(self.socket_path),
+             "--script-file", str(self.script_file)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env)
+        deadline = time.monotonic() + 30
+        while not self.socket_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the fake agent did not start")
+            time.sleep(0.01)
 
     def play(self, script: dict[str, Any]) -> None:
         tmp = self.script_file.with_suffix(".tmp")
@@ -83,25 +97,25 @@ class FakeAgents:
         os.replace(tmp, self.script_file)
 
     def connect(self) -> Transport:
-        host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = {**os.environ, "PYTHONPATH": str(SRC)}
-        proc = subprocess.Popen(
-            [sys.executable, "-S", str(AGENT), "--stdio", "--script-file",
-             str(self.script_file), "--protocol-dir", str(SRC / "aiva" / "agent")],
-            stdin=guest, stdout=guest, stderr=subprocess.DEVNULL, env=env, close_fds=True)
-        guest.close()
-        self.procs.append(proc)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.socket_path))
+        self.socks.append(sock)
         self.connects += 1
-        return SocketTransport(host)
+        return SocketTransport(sock)
 
     def kill_all(self) -> None:
-        """End every fake agent this object started (by its own Popen handle)."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-        for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+        """Cut every connection to the fake agent, as if it had died: the host side sees
+        the stream end, and the agent's side stops sending."""
+        for sock in self.socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.socks.clear()
+
+    def stop(self) -> None:
+        self.kill_all()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
 
 
 class HostileBackend(DockerBackend):
@@ -150,8 +164,7 @@ class HostileBackend(DockerBackend):
 
 def fresh_connection(engine: Any, name: str) -> None:
     """Make the engine's next call connect again (and so read the current script)."""
-    with contextlib.suppress(AivaError):
-        engine.agent(name).close()
+    engine._drop_agent(engine.get(name))  # no public way to forget a cached connection
 
 
 # ---------------------------------------------------------------------- tree snapshots
