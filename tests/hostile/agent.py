@@ -58,7 +58,7 @@ def load_protocol(dirs):
 
         return protocol
     except ImportError:
-        for d in list(dirs) + ["/.aiva/agent"]:
+        for d in [*dirs, "/.aiva/agent"]:
             if os.path.isfile(os.path.join(d, "protocol.py")):
                 sys.path.insert(0, d)
                 import protocol  # type: ignore[import-not-found,no-redef]
@@ -91,7 +91,7 @@ def read_reply(size=3, sent=3, mode=0o644, mtime_ns=1700000000000000000, meta=No
     """fs.read: the declared stat (``meta`` replaces it whole), ``sent`` bytes, RESULT."""
     head = meta if meta is not None else {"size": size, "mode": mode, "mtime_ns": mtime_ns}
     tail = then if then is not None else [{"result": {"bytes": sent}}]
-    return [{"event": head}, {"data": sent}] + tail
+    return [{"event": head}, {"data": sent}, *tail]
 
 
 def stat_reply(kind="dir", size=0, mode=0o755):
@@ -306,7 +306,7 @@ class Conn:
         sent = 0
         i = 0
         while (batches < 0 or i < batches) and not self.closed and sent < FLOOD_CAP:
-            names = spec.get("names") or ["w%d/f%d" % (i, j) for j in range(per)]
+            names = spec.get("names") or [f"w{i}/f{j}" for j in range(per)]
             body = {"files": {n: [size, 1700000000000000000, mode] for n in names}}
             payload = json.dumps(body, separators=(",", ":")).encode()
             self.frame(K.EVENT, chan, payload)
@@ -347,7 +347,7 @@ def sane(op, req):
     """What an honest (and empty) agent would say, so a script only scripts the lie."""
     if op == "ping":
         return [{"result": {"version": HOSTILE_VERSION, "pid": os.getpid(), "uid": 0,
-                            "python": "%d.%d.%d" % sys.version_info[:3]}}]
+                            "python": ".".join(map(str, sys.version_info[:3]))}}]
     if op == "exec":
         return exec_reply(stdout=0)
     if op == "fs.stat":
@@ -370,7 +370,7 @@ def sane(op, req):
         return [{"result": {"procs": []}}]
     if op == "sys.metrics":
         return [{"result": {}}]
-    return [{"error": {"kind": "RequestError", "message": "unknown op %s" % op}}]
+    return [{"error": {"kind": "RequestError", "message": f"unknown op {op}"}}]
 
 
 # --------------------------------------------------------------------------- main
@@ -408,7 +408,7 @@ def listen(path, get_script):
     os.chmod(tmp, 0o666)
     srv.listen(64)
     os.rename(tmp, path)
-    sys.stderr.write("hostile agent listening on %s\n" % path)
+    sys.stderr.write(f"hostile agent listening on {path}\n")
     sys.stderr.flush()
     while True:
         c, _ = srv.accept()

@@ -420,7 +420,7 @@ class Ran:
         assert not self.overran, f"the CLI was still running: {self.stderr[-2000:]}"
         assert self.returncode != 0, (self.returncode, self.stdout[-500:], self.stderr[-2000:])
         assert "Traceback" not in self.stderr, self.stderr[-3000:]
-        assert self.stderr.startswith("error:"), self.stderr[-2000:]
+        assert self.stderr.lstrip().startswith("error:"), self.stderr[-2000:]
 
     def clean(self) -> None:
         """Either success or a clean failure; never a traceback or a hang."""

@@ -220,7 +220,7 @@ def test_abandoning_a_read_cancels_its_channel(hostile: Any, tmp_path: Path) -> 
     record = tmp_path / "signals.jsonl"
     hostile.play(ha.script({"fs.read": ha.read_reply(size=64 << 20, sent=64 << 20)},
                            record=str(record)))
-    meta, chunks = hostile.engine.read_stream(hostile.name, "/workspace/f")
+    _meta, chunks = hostile.engine.read_stream(hostile.name, "/workspace/f")
     next(chunks)
     chunks.close()  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
@@ -237,7 +237,7 @@ def test_abandoning_a_read_cancels_its_channel(hostile: Any, tmp_path: Path) -> 
 def test_a_flooded_channel_does_not_starve_the_connection(hostile: Any) -> None:
     """After an abandoned endless read, the next call on the same connection answers."""
     hostile.play(ha.script({"fs.read": ha.read_reply(size=1 << 62, sent=-1)}))
-    meta, chunks = hostile.engine.read_stream(hostile.name, "/workspace/f")
+    _meta, chunks = hostile.engine.read_stream(hostile.name, "/workspace/f")
     next(chunks)
     chunks.close()  # type: ignore[attr-defined]
     # a channel's buffer is capped (8 MiB by default) and a cancelled one drops its frames

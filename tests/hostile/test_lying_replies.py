@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hostile_kit import Area, MemoryGuard, bounded, biggest_file, ha, leftovers
+from hostile_kit import Area, MemoryGuard, biggest_file, bounded, ha, leftovers
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from surfaces import FILE_PULLS, PULLS, READS, mcp_tool
@@ -95,12 +95,45 @@ def test_read_stream_raises_protocol_error_past_the_declared_size(hostile: Any) 
     hostile.play(ha.script({"fs.read": READ_LIES["sends more than declared"][0]}))
 
     def read() -> int:
-        meta, chunks = hostile.engine.read_stream(hostile.name, "/workspace/f")
+        _meta, chunks = hostile.engine.read_stream(hostile.name, "/workspace/f")
         return sum(len(c) for c in chunks)
 
     out = bounded(read, on_overrun=hostile.kill)
     out.ended(must_fail=True)
     assert isinstance(out.error, ProtocolError), out.describe()
+
+
+_examples = iter(range(10**6))
+NOT_INT_META = st.one_of(st.text(max_size=4), st.none(), st.lists(st.integers(), max_size=2),
+                         st.floats(allow_nan=False, allow_infinity=False))
+
+
+@settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.one_of(st.integers(-(1 << 70), 1 << 70), NOT_INT_META),
+       mode=st.one_of(st.integers(-(1 << 40), 1 << 40), NOT_INT_META),
+       mtime=st.one_of(st.integers(-(1 << 70), 1 << 70), NOT_INT_META),
+       sent=st.sampled_from([0, 10, 1 << 16]))
+def test_generated_read_metadata(hostile: Any, size: Any, mode: Any, mtime: Any,
+                                 sent: int) -> None:
+    """Any declared size, mode and mtime: the file on the host never has powers or wide
+    modes, never more bytes than declared; a bad type or range is an AivaError."""
+    area = Area.make(hostile.tmp / f"g{next(_examples)}")
+    hostile.play(ha.script({"fs.stat": FILE_STAT,
+                            "fs.read": ha.read_reply(size=size, sent=sent, mode=mode,
+                                                     mtime_ns=mtime)}))
+    out = bounded(lambda: FILE_PULLS["engine.copy_out(file)"](hostile, area.dest),
+                  on_overrun=hostile.kill)
+
+    def natural(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    out.ended(must_fail=not (natural(size) and natural(mode) and natural(mtime))
+              or (natural(size) and sent > size))
+    area.check()
+    assert not leftovers(area.root)
+    if natural(size):
+        assert biggest_file(area.dest) <= max(size, len("mine\n"))
 
 
 # ---------------------------------------------------------------------- malformed frames
