@@ -21,6 +21,7 @@ from hostile_kit import (
     LIMIT,
     MEMORY_BOUND,
     Area,
+    Ran,
     biggest_file,
     bounded,
     ha,
@@ -51,6 +52,15 @@ class Shadowed:
         tmp = self.run / "hostile.json.tmp"
         tmp.write_text(json.dumps(script))
         tmp.replace(self.run / "hostile.json")
+
+
+def cli(args: list[str], **kw: Any) -> Ran:
+    """The CLI, which must have taken the contract's `limits:` section."""
+    ran = run_cli(args, **kw)
+    assert "limits: unknown key" not in ran.stderr, (
+        "this aiva's config has no `limits:` section (the call_timeout knob): "
+        + ran.stderr.strip())
+    return ran
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +126,7 @@ def test_cli_pull_of_escaping_setuid_names_stays_inside(shadowed: Shadowed, tmp_
                              "fs.read": ha.read_reply(mode=0o6777)}))
     args = (["data", shadowed.name, "pull", "/workspace/d", str(area.dest)] if how == "data pull"
             else ["cp", f"{shadowed.name}:/workspace/d", str(area.dest)])
-    ran = run_cli(args)
+    ran = cli(args)
     ran.clean()
     area.check()
 
@@ -125,7 +135,7 @@ def test_cli_cp_of_a_setuid_file_masks_its_mode(shadowed: Shadowed, tmp_path: Pa
     area = Area.make(tmp_path / "area")
     shadowed.play(ha.script({"fs.stat": ha.stat_reply("file", size=3, mode=0o6777),
                              "fs.read": ha.read_reply(mode=0o6777)}))
-    ran = run_cli(["cp", f"{shadowed.name}:/workspace/f", str(area.dest / "f")])
+    ran = cli(["cp", f"{shadowed.name}:/workspace/f", str(area.dest / "f")])
     ran.clean()
     area.check()
 
@@ -135,7 +145,7 @@ def test_cli_cp_of_an_endless_file_ends_bounded(shadowed: Shadowed, tmp_path: Pa
     area = Area.make(tmp_path / "area")
     shadowed.play(ha.script({"fs.stat": ha.stat_reply("file", size=10),
                              "fs.read": ha.read_reply(size=10, sent=-1)}))
-    ran = run_cli(["cp", f"{shadowed.name}:/workspace/f", str(area.dest / "f")])
+    ran = cli(["cp", f"{shadowed.name}:/workspace/f", str(area.dest / "f")])
     ran.clean_failure()
     assert ran.maxrss <= CLI_RSS_BOUND, f"the CLI peaked at {ran.maxrss >> 20} MiB"
     assert biggest_file(area.dest) <= 10
@@ -147,7 +157,7 @@ def test_cli_data_pull_of_a_lying_file_ends_bounded(shadowed: Shadowed, tmp_path
     area = Area.make(tmp_path / "area")
     shadowed.play(ha.script({"fs.walk": ha.walk_reply(["f"], size=10),
                              "fs.read": ha.read_reply(size=10, sent=-1)}))
-    ran = run_cli(["data", shadowed.name, "pull", "/workspace/d", str(area.dest)])
+    ran = cli(["data", shadowed.name, "pull", "/workspace/d", str(area.dest)])
     ran.clean_failure()
     assert ran.maxrss <= CLI_RSS_BOUND, f"the CLI peaked at {ran.maxrss >> 20} MiB"
     assert biggest_file(area.dest) <= 10
@@ -158,13 +168,13 @@ def test_cli_data_pull_of_a_lying_file_ends_bounded(shadowed: Shadowed, tmp_path
 def test_cli_exec_against_a_silent_agent_fails_in_time(shadowed: Shadowed) -> None:
     """A fake agent that never answers hung `aiva exec` forever."""
     shadowed.play(ha.script(default="hang"))
-    ran = run_cli(["exec", shadowed.name, "--", "true"], limit=CALL_TIMEOUT + LIMIT)
+    ran = cli(["exec", shadowed.name, "--", "true"], limit=CALL_TIMEOUT + LIMIT)
     ran.clean_failure()
 
 
 def test_cli_exec_with_wrong_types_fails_cleanly(shadowed: Shadowed) -> None:
     shadowed.play(ha.script({"exec": ha.exec_reply(started="pid", exit_code="0")}))
-    ran = run_cli(["exec", shadowed.name, "--", "true"])
+    ran = cli(["exec", shadowed.name, "--", "true"])
     ran.clean_failure()
 
 
@@ -172,7 +182,7 @@ def test_cli_exec_of_endless_output_ends_at_its_timeout(shadowed: Shadowed,
                                                         engine: Any) -> None:
     """100 MB of stdout once made a 600 MB commands.jsonl and 531 MB in the CLI."""
     shadowed.play(ha.script({"exec": [{"event": {"started": 7}}, {"stdout": -1}]}))
-    ran = run_cli(["exec", "--timeout", "1", shadowed.name, "--", "yes"], limit=LIMIT * 2)
+    ran = cli(["exec", "--timeout", "1", shadowed.name, "--", "yes"], limit=LIMIT * 2)
     ran.clean_failure()
     assert ran.maxrss <= CLI_RSS_BOUND, f"the CLI peaked at {ran.maxrss >> 20} MiB"
     log = paths.logs_dir(shadowed.sb.id) / "commands.jsonl"

@@ -126,3 +126,31 @@ def test_generated_walk_names_stay_inside(hostile: Any, names: list[str], mode: 
     out = bounded(lambda: PULLS[op](hostile, area.dest), on_overrun=hostile.kill)
     out.ended()
     area.check()
+
+
+# ---------------------------------------------------------------------- malformed batches
+
+BAD_BATCHES = {
+    "entry a string": {"files": {"a": "xyz"}},
+    "entry too short": {"files": {"a": [1]}},
+    "entry too long": {"files": {"a": [1, 2, 3, 4]}},
+    "entry of strings": {"files": {"a": ["1", "2", "3"]}},
+    "negative size": {"files": {"a": [-1, 1, 0o644]}},
+    "files a list": {"files": ["a", "b"]},
+    "dirs an object": {"files": {}, "dirs": {"a": 1}},
+    "dirs of numbers": {"files": {}, "dirs": [1, 2]},
+}
+
+
+@pytest.mark.parametrize("direction", ["pull", "push", "both"])
+@pytest.mark.parametrize("batch", BAD_BATCHES)
+def test_malformed_walk_batches_are_aiva_errors(hostile: Any, batch: str,
+                                                direction: str) -> None:
+    area = Area.make(hostile.tmp / "area")
+    hostile.play(ha.script({"fs.walk": [{"event": BAD_BATCHES[batch]},
+                                        {"result": {"count": 1}}]}))
+    out = bounded(lambda: hostile.engine.sync(hostile.name, area.dest, "/workspace/d",
+                                              direction=direction),
+                  on_overrun=hostile.kill)
+    out.ended(must_fail=True)
+    area.check()
