@@ -87,8 +87,12 @@ def test_reads_into_memory_refuse_lies(hostile: Any, op: str, lie: str) -> None:
     hostile.play(ha.script({"fs.read": READ_LIES[lie][0], "fs.stat": FILE_STAT}))
     with MemoryGuard(on_breach=hostile.kill) as mem:
         out = bounded(lambda: READS[op](hostile), on_overrun=hostile.kill)
-    out.ended(must_fail=True)
     mem.check()
+    if op == "mcp file_read" and lie == "closes mid-stream":
+        out.ended()  # its 100-byte window came before the cut: returning it is right
+        assert out.error is not None or out.value["length"] <= 100, out.describe()
+        return
+    out.ended(must_fail=True)
 
 
 def test_read_stream_raises_protocol_error_past_the_declared_size(hostile: Any) -> None:
