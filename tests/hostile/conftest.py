@@ -20,8 +20,10 @@ def hostile_config() -> Any:
     """The test home's config with the contract's short call deadline, if it has one."""
     cfg = load_config()
     if "limits" in type(cfg).model_fields:
-        cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(
-            update={"call_timeout": 2.0})})
+        short: dict[str, Any] = {"call_timeout": 2.0}
+        if "walk_entries" in type(cfg.limits).model_fields:  # an endless walk stops sooner
+            short["walk_entries"] = 100_000
+        cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update=short)})
     return cfg
 
 
