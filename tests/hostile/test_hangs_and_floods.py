@@ -77,7 +77,7 @@ def test_every_call_to_an_agent_that_never_answers_ends_by_its_deadline(hostile:
     src.write_text("x")
     area = Area.make(tmp_path / "area")
     calls = {
-        "ping": lambda: eng.agent(name).ping(),
+        "ping": lambda: eng.agent(name).ping(timeout=CALL_TIMEOUT),  # its own default: 10 s
         "exec": lambda: eng.exec(name, ["true"]),
         "exec with timeout": lambda: eng.exec(name, ["sleep", "1"], timeout=1),
         "read_file": lambda: eng.read_file(name, "/workspace/f"),
@@ -88,7 +88,6 @@ def test_every_call_to_an_agent_that_never_answers_ends_by_its_deadline(hostile:
         "remove": lambda: eng.remove(name, "/workspace/d"),
         "rename": lambda: eng.rename(name, "/workspace/a", "/workspace/b"),
         "walk": lambda: eng.agent(name).walk("/workspace"),
-        "hash": lambda: eng.agent(name).hash_files("/workspace", ["a"]),
         "sync": lambda: eng.sync(name, area.dest, "/workspace/d"),
         "copy_in": lambda: eng.copy_in(name, src, "/workspace/up.txt"),
         "copy_out": lambda: eng.copy_out(name, "/workspace/d", area.dest),
@@ -97,6 +96,21 @@ def test_every_call_to_an_agent_that_never_answers_ends_by_its_deadline(hostile:
     outs = bounded_all(calls, limit=CALL_TIMEOUT + 8, on_overrun=hostile.kill)
     bad = _failures(outs)
     assert not bad, "\n".join(bad)
+
+
+def test_hashing_has_a_deadline_too(hostile: Any) -> None:
+    """fs.hash may take longer (it reads whole files), but not for ever: a client with a
+    short call deadline gives up on a silent agent in a bounded multiple of it."""
+    from aiva.agent_client import AgentClient
+
+    hostile.play(ha.script(default="hang"))
+    client = AgentClient(hostile.agents.connect(), label="hash", call_timeout=0.5)
+    try:
+        out = bounded(lambda: client.hash_files("/workspace", ["a"]), limit=20,
+                      on_overrun=hostile.kill)
+    finally:
+        client.close()
+    out.ended(must_fail=True)
 
 
 def test_silence_after_the_start_of_a_read_ends_by_the_deadline(hostile: Any) -> None:
