@@ -52,6 +52,8 @@ def mcp_tool(box: Any, tool: str, args: dict[str, Any], *, grant: Path | None = 
     res = asyncio.run(go())
     if res.is_error:
         err = (res.structured_content or {}).get("error") or {}
+        if grant is not None and "grant" in str(err.get("message", "")):
+            raise Crash(f"the MCP server refused a granted directory: {err}")
         if err.get("type") in wire.ERRORS:
             raise AivaError(f"tool error {err['type']}: {err.get('message')}")
         raise Crash(f"MCP tool {tool} crashed: {res.content[0].text if res.content else res}")
