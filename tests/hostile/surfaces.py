@@ -40,10 +40,15 @@ def mcp_tool(box: Any, tool: str, args: dict[str, Any], *, grant: Path | None = 
     from aiva.mcp.server import build_server
 
     kw: dict[str, Any] = {}
-    if grant is not None and "grants" in inspect.signature(build_server).parameters:
-        from aiva.mcp.grants import Grants  # type: ignore[import-not-found,unused-ignore]
+    params = inspect.signature(build_server).parameters
+    if grant is not None and "grants" in params:
+        from aiva.mcp.grants import Grants
 
         kw["grants"] = Grants.resolve([str(grant)])
+    if "scope" in params:  # the fake sandbox was not made by this MCP session
+        from aiva.mcp.scope import Scope
+
+        kw["scope"] = Scope(all_sandboxes=True)
 
     async def go() -> Any:
         async with Client(build_server(box.engine, **kw)) as client:
@@ -54,6 +59,8 @@ def mcp_tool(box: Any, tool: str, args: dict[str, Any], *, grant: Path | None = 
         err = (res.structured_content or {}).get("error") or {}
         if grant is not None and "grant" in str(err.get("message", "")):
             raise Crash(f"the MCP server refused a granted directory: {err}")
+        if err.get("type") == "SandboxNotFound":  # it exists: the harness is at fault
+            raise Crash(f"the MCP server does not see the test's sandbox: {err}")
         if err.get("type") in wire.ERRORS:
             raise AivaError(f"tool error {err['type']}: {err.get('message')}")
         raise Crash(f"MCP tool {tool} crashed: {res.content[0].text if res.content else res}")
