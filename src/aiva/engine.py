@@ -358,6 +358,7 @@ class Engine:
         sb = self.get(name)
         self._drop_agent(sb)
         backend = self._backend_of(sb)
+        had_snapshots = volumes and bool(self.store.snapshots(sb.id))
         backend.delete(sb, volumes=volumes)
         if volumes:
             backend.delete_snapshots(sb, self.store.snapshots(sb.id))
@@ -371,6 +372,10 @@ class Engine:
         desktop_session.forget(sb)
         shutil.rmtree(paths.logs_dir(sb.id), ignore_errors=True)
         shutil.rmtree(aiva_home() / "sync" / sb.id, ignore_errors=True)
+        if sb.spec.backend == "docker" and (had_snapshots or sb.runtime.get("forked_from")):
+            from aiva import leftovers  # it may have been the last user of a snapshot image
+
+            leftovers.sweep_snapshot_images(self)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -433,7 +438,7 @@ class Engine:
         except BaseException:
             self.store.remove(sb.id)
             raise
-        sb = self.store.update(name, runtime=runtime)
+        sb = self.store.update(name, runtime=runtime | {"forked_from": f"{source}:{tag}"})
         self._record("created", sb, image=sb.spec.image, backend=backend.name,
                      from_snapshot=f"{source}:{tag}")
         plugins.call_hook("on_vm_create", sandbox=sb)

@@ -284,19 +284,96 @@ def resume(name: str) -> None:
 @app.command()
 def rm(
     name: str,
-    volumes: Annotated[bool, typer.Option("--volumes", "-v", help="also its data volume")] = False,
+    volumes: Annotated[bool, typer.Option("--volumes", "-v", help="also its data (disk or "
+                                          "volume) and snapshots")] = False,
 ) -> None:
-    """Remove a sandbox (stopping it). Its data volume stays unless --volumes."""
-    engine = _engine()
-    sb = None if volumes else engine.get(name)
-    engine.delete(name, volumes=volumes)
-    if sb is not None and sb.spec.backend == "docker" and "disk" in sb.runtime:
-        from aiva.backends import docker_disk
+    """Remove a sandbox (stopping it). Its data stays unless --volumes; `rm NAME
+    --volumes` also removes the data a sandbox removed earlier kept."""
+    from aiva.errors import SandboxNotFound
 
-        output.ok(f"{name} removed (its disk is kept: {docker_disk.disk_dir(sb.id)}; "
-                  "`rm -r` it when done, or use --volumes next time)")
-        return
-    output.ok(f"{name} removed" + ("" if volumes else " (data volume kept; --volumes removes it)"))
+    engine = _engine()
+    if volumes and not engine.exists(name):
+        if _remove_kept(name):
+            return
+        raise SandboxNotFound(name)
+    engine.delete(name, volumes=volumes)
+    output.ok(f"{name} removed" + ("" if volumes else " (its data is kept: `aiva volume rm "
+                                   f"{name}` or `aiva rm {name} --volumes` removes it)"))
+
+
+def _remove_kept(ref: str) -> bool:
+    """Remove the kept data of removed sandbox ``ref`` (name or id); False if none."""
+    from aiva import leftovers
+    from aiva.engine import Engine
+
+    engine = Engine()  # local files and Docker objects: in-process beside any daemon
+    try:
+        kept = leftovers.kept_data(engine, ref)
+        for item in kept:
+            item.remove()
+            output.ok(f"removed the kept {item.kind} of {item.sandbox or ref}: {item.name}")
+        return bool(kept)
+    finally:
+        engine.close()
+
+
+volume_app = typer.Typer(help="Data kept by removed sandboxes (rm without --volumes).",
+                         no_args_is_help=True)
+app.add_typer(volume_app, name="volume")
+
+
+@volume_app.command("ls")
+def volume_ls(fmt: Format = output.Fmt.table) -> None:
+    """Kept disks and volumes of sandboxes that are gone."""
+    from aiva import leftovers
+    from aiva.engine import Engine
+
+    engine = Engine()
+    try:
+        output.leftovers(leftovers.kept_data(engine), fmt, empty="no kept data")
+    finally:
+        engine.close()
+
+
+@volume_app.command("rm")
+def volume_rm(ref: Annotated[str, typer.Argument(help="the removed sandbox's name or id")]
+              ) -> None:
+    """Remove the data a removed sandbox kept."""
+    from aiva.errors import InvalidValue as Invalid
+
+    if not _remove_kept(ref):
+        raise Invalid(f"no kept data of '{ref}'", hint="`aiva volume ls` lists it")
+
+
+@app.command()
+def prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="only list them")] = False,
+    fmt: Format = output.Fmt.table,
+) -> None:
+    """Remove everything of this AIVA_HOME no sandbox owns: kept data, snapshot images
+    and volumes, networks, orphan containers, VM and run directories. Nothing without
+    aiva's labels (or outside AIVA_HOME) is touched."""
+    from aiva import leftovers
+    from aiva.engine import Engine
+
+    engine = Engine()
+    try:
+        found = leftovers.find(engine)
+        output.leftovers(found, fmt, empty="nothing to prune")
+        if dry_run or not found:
+            return
+        failed = 0
+        for item in found:
+            try:
+                item.remove()
+            except AivaError as exc:
+                failed += 1
+                output.error(f"cannot remove {item.kind} {item.name}: {exc.message}", exc.hint)
+        output.ok(f"pruned {len(found) - failed} of {len(found)}")
+        if failed:
+            raise typer.Exit(1)
+    finally:
+        engine.close()
 
 
 @app.command()

@@ -108,6 +108,23 @@ def sandboxes(boxes: list[SandboxInfo], fmt: Fmt) -> None:
     console.print(table)
 
 
+def leftovers(items: list[Any], fmt: Fmt, *, empty: str) -> None:
+    """What `aiva prune` and `aiva volume ls` found."""
+    if fmt != Fmt.table:
+        _dump([x.to_dict() for x in items], fmt)
+        return
+    if not items:
+        err_console.print(empty, highlight=False)
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("KIND", "NAME", "SANDBOX", "SIZE"):
+        table.add_column(col, overflow="fold")
+    for x in items:
+        table.add_row(x.kind, escape(x.name), escape(x.sandbox or (x.sandbox_id or "-")[:12]),
+                      format_size(x.size) if x.size is not None else "-")
+    console.print(table)
+
+
 def sandbox(sb: SandboxInfo, fmt: Fmt, metrics: SandboxMetrics | None = None) -> None:
     if fmt != Fmt.table:
         _dump(_record(sb) | ({"metrics": metrics.to_dict()} if metrics else {}), fmt)
