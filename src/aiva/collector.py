@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -28,6 +29,7 @@ from aiva.errors import AivaError
 from aiva.logquery import LogEntry, aiva_log_path, log_handler, query_logs, read_aiva_log
 from aiva.metrics import SandboxMetrics
 from aiva.models import Event, SandboxInfo, State
+from aiva.private import open_private
 
 __all__ = ["Collector", "EngineLike", "EventSource", "LogEntry", "Measurer", "Price",
            "aiva_log_path", "as_sample", "cost_of", "costs", "export_jsonl", "follow_events",
@@ -85,7 +87,7 @@ class Collector:
     def __init__(self, store: EventSource | Path | None = None) -> None:
         path = store if isinstance(store, Path) else getattr(store, "path", None)
         self.path: Path = path if isinstance(path, Path) else paths.state_db()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(open_private(self.path, os.O_RDWR | os.O_CREAT))  # -wal, -shm: its mode
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
