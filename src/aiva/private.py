@@ -63,30 +63,35 @@ def ensure_home() -> Path:
     with _ready_lock:
         if key in _ready:
             return home
-        _make_home(home)
+        note = _make_home(home)
         _ready.add(key)
+    if note:  # after: the log handler writes aiva.log, in this home
+        log.warning("%s", note)
     return home
 
 
-def _make_home(home: Path) -> None:
+def _make_home(home: Path) -> str | None:
+    """Returns the note to give when an open home was tightened."""
     try:
         st: os.stat_result | None = home.stat()
     except FileNotFoundError:
         st = None
         _mkdirs(home)
+    note = None
     if st is not None and stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
         os.chmod(home, DIR_MODE)
         tightened = _tighten(home)
-        log.warning("%s was open to other users (mode %o): made it 0700 and %d files and "
-                    "directories in it private", home, stat.S_IMODE(st.st_mode), tightened)
+        note = (f"{home} was open to other users (mode {stat.S_IMODE(st.st_mode):o}): made "
+                f"it 0700 and {tightened} files and directories in it private")
     if _has_default_acl(home) or not _set_default_acl(home):
-        return
+        return note
     for name in PUBLIC:  # readable on purpose: not under the ACL, whenever made
         public = home / name
         with contextlib.suppress(FileExistsError):
             public.mkdir()
             os.chmod(public, 0o755)
         _drop_default_acl(public)
+    return note
 
 
 def _tighten(home: Path) -> int:
