@@ -299,3 +299,36 @@ def test_a_fresh_home_keeps_everything_private(python_image: str, docker_ok: Any
             runmount.release(m)
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(local, ignore_errors=True)
+
+
+def test_orphan_run_dirs_of_this_home_are_reaped_and_nothing_else(
+        make_sandbox: Any, engine: Any, monkeypatch: pytest.MonkeyPatch, hostdir: Path
+        ) -> None:
+    from aiva import lifetimes
+    from aiva.backends import docker as docker_backend
+
+    live = make_sandbox()
+    live_run = paths.run_dir(live.id)
+    orphan = paths.run_dir(str(uuid.uuid4()))  # a sandbox gone without its rm
+    other_home = hostdir / "run" / str(uuid.uuid4())[:12]  # another AIVA_HOME's
+    plain = paths.run_dir(str(uuid.uuid4()))  # a VM's run dir: a plain directory
+    plain.mkdir(parents=True)
+    try:
+        assert runmount.ensure(orphan) and runmount.ensure(other_home)
+        (orphan / "syslog.jsonl").write_text("left behind")
+        def known() -> set[str]:
+            return {sb.id for sb in engine.store.all()}
+
+        assert orphan.name not in engine.backend("docker").reap_run_dirs(known)  # too fresh
+        monkeypatch.setattr(docker_backend, "ORPHAN_AGE", -1.0)
+
+        assert lifetimes.reap_run_dirs(engine, known) == [orphan.name]
+        assert not orphan.exists()
+        assert runmount.is_private_mount(live_run)  # its sandbox is known
+        assert runmount.is_private_mount(other_home)
+        assert plain.is_dir()
+        assert live.commands.run(["true"]).exit_code == 0
+    finally:
+        for d in (orphan, other_home):
+            runmount.release(d)
+        plain.rmdir()
