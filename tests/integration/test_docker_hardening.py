@@ -332,3 +332,27 @@ def test_orphan_run_dirs_of_this_home_are_reaped_and_nothing_else(
         for d in (orphan, other_home):
             runmount.release(d)
         plain.rmdir()
+
+
+def test_a_socket_served_from_outside_the_container_is_refused(make_sandbox: Any) -> None:
+    """What the link refusal cannot see: a real socket at the path whose server is not
+    in the container (here the test itself, on the host) fails the SO_PEERCRED check."""
+    sb = make_sandbox()
+    path = paths.run_dir(sb.id) / "agent.sock"
+    path.unlink()
+    host = HostSocket(path)
+    try:
+        r = aiva("exec", sb.name, "--", "echo", "hi")
+        assert r.returncode != 0, r.stdout
+        assert "outside its container" in r.stderr and "Traceback" not in r.stderr
+        deadline = time.monotonic() + 10
+        while not host.accepted:  # it did connect (our accept may lag), then sent nothing
+            assert time.monotonic() < deadline, "aiva never connected"
+            time.sleep(0.02)
+        assert host.received == b""
+    finally:
+        host.close()
+    sb.stop()
+    sb.start()
+    assert sb.commands.run(["echo", "back"]).stdout == "back\n"
+    assert host.received == b""

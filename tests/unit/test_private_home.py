@@ -175,3 +175,19 @@ def test_the_run_dir_is_a_bounded_tmpfs_without_suid_dev_or_exec(tmp_path: Path)
         runmount.release(run)
     assert not run.exists()
     assert run not in runmount.mounts_under(tmp_path / "run")
+
+
+def test_without_root_the_run_dir_is_a_plain_private_directory(
+        home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(runmount, "_warned", False)
+    run = home / "run" / "0123456789ab"
+    assert runmount.ensure(run) is False
+    assert run.is_dir() and not os.path.ismount(run) and mode(run) == 0o700
+    assert "not root" in caplog.text and "nosuid" in caplog.text
+    caplog.clear()
+    assert runmount.ensure(run) is False
+    assert "not root" not in caplog.text  # said once per process
+    (run / "syslog.jsonl").write_text("x")
+    runmount.release(run)
+    assert not run.exists()
