@@ -9,6 +9,11 @@ two of those and the socket fit; a sandbox cannot make it hold more). It stays m
 while the sandbox exists, so the syslog can be read after the container stopped; start
 mounts it again after a host reboot; rm and the reaper unmount it.
 
+The Docker engine must see the mount: it resolves the bind source in its own mount
+namespace, which normally receives ours by propagation. Where it does not (aiva run in a
+private mount namespace, ``unshare --mount --propagation private``), the tmpfs is taken
+down again and the run dir is a plain directory, with a warning.
+
 Mounting needs root. Without root the run dir is a plain 0700 directory and a warning
 says so: then only the user who runs aiva (who, in the docker group, is root-equivalent
 anyway) can reach what the sandbox leaves there, and the container cannot make device
@@ -36,6 +41,7 @@ _MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
 _libc: ctypes.CDLL | None = None
 _warned = False
+DOCKER_PID_FILES = ("/var/run/docker.pid", "/run/docker.pid")
 
 
 def _c() -> ctypes.CDLL:
@@ -57,24 +63,48 @@ def ensure(path: Path) -> bool:
     """Make ``path`` the sandbox's run dir: a fresh tmpfs (as root), else a plain 0700
     directory (with a warning, once per process). True when it is the tmpfs. A path
     already mounted is left as it is (the sandbox's files stay)."""
-    global _warned
     _mkdir(path)
-    if is_private_mount(path):
-        return True
-    if os.geteuid() != 0:
-        if not _warned:
-            log.warning("not root: sandbox run dirs are plain directories, not nosuid,"
-                        "nodev,noexec mounts (a setuid file a sandbox leaves there keeps "
-                        "its bits; only you can reach it: AIVA_HOME is 0700)")
-            _warned = True
+    if not is_private_mount(path):
+        if os.geteuid() != 0:
+            _warn_once("not root: sandbox run dirs are plain directories, not nosuid,nodev,"
+                       "noexec mounts (a setuid file a sandbox leaves there keeps its bits; "
+                       "only you can reach it: AIVA_HOME is 0700)")
+            return False
+        if os.path.ismount(path):  # a mount of someone else's here: never stack over it
+            raise OSError(errno.EBUSY, f"{path} is a mount point without nosuid,nodev,noexec")
+        opts = f"size={RUN_SIZE},nr_inodes={RUN_INODES},mode=0700".encode()
+        if _c().mount(b"tmpfs", os.fsencode(path), b"tmpfs",
+                      _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, opts) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot mount a tmpfs on {path}: {os.strerror(err)}")
+    if not docker_sees(path):
+        _umount(path)
+        _warn_once("the Docker engine does not see mounts made here (a private mount "
+                   "namespace?): sandbox run dirs are plain directories, not nosuid,nodev,"
+                   "noexec mounts")
         return False
-    if os.path.ismount(path):  # a mount of someone else's here: never stack over it
-        raise OSError(errno.EBUSY, f"{path} is a mount point without nosuid,nodev,noexec")
-    opts = f"size={RUN_SIZE},nr_inodes={RUN_INODES},mode=0700".encode()
-    if _c().mount(b"tmpfs", os.fsencode(path), b"tmpfs",
-                  _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, opts) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"cannot mount a tmpfs on {path}: {os.strerror(err)}")
+    return True
+
+
+def _warn_once(text: str) -> None:
+    global _warned
+    if not _warned:
+        log.warning("%s", text)
+        _warned = True
+
+
+def docker_sees(path: Path) -> bool:
+    """Whether the Docker engine's mount namespace has ``path`` as a mount point too
+    (True when the engine's pid is not known: then we cannot tell, and assume it)."""
+    for pid_file in DOCKER_PID_FILES:
+        try:
+            pid = int(Path(pid_file).read_text().strip())
+            theirs = os.readlink(f"/proc/{pid}/ns/mnt")
+        except (OSError, ValueError):
+            continue
+        if theirs == os.readlink("/proc/self/ns/mnt"):
+            return True
+        return path in _mount_points(f"/proc/{pid}/mountinfo", path.parent)
     return True
 
 
@@ -92,19 +122,27 @@ def release(path: Path) -> None:
     remove what is left: the directory, or a plain one's contents (never a link's)."""
     import shutil
 
-    if os.path.ismount(path) and \
-            _c().umount2(os.fsencode(path), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
+    if os.path.ismount(path):
+        _umount(path)
+    shutil.rmtree(path, ignore_errors=True)  # fd-based: never follows a planted link
+
+
+def _umount(path: Path) -> None:
+    if _c().umount2(os.fsencode(path), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot unmount {path}: {os.strerror(err)}")
-    shutil.rmtree(path, ignore_errors=True)  # fd-based: never follows a planted link
 
 
 def mounts_under(root: Path) -> list[Path]:
     """The tmpfs mount points directly below ``root`` (this home's run dirs)."""
+    return _mount_points("/proc/self/mountinfo", root)
+
+
+def _mount_points(mountinfo: str, root: Path) -> list[Path]:
     out = []
     prefix = os.fsencode(root) + b"/"
     try:
-        with open("/proc/self/mountinfo", "rb") as f:
+        with open(mountinfo, "rb") as f:
             lines = f.read().splitlines()
     except OSError:
         return []

@@ -4,9 +4,11 @@ dir's tmpfs (as root)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,23 @@ def test_without_root_the_run_dir_is_a_plain_private_directory(
     (run / "syslog.jsonl").write_text("x")
     runmount.release(run)
     assert not run.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None
+                    or not any(os.path.exists(p) for p in runmount.DOCKER_PID_FILES),
+                    reason="needs root, unshare and a local Docker engine")
+def test_a_mount_the_docker_engine_cannot_see_is_not_used(tmp_path: Path) -> None:
+    """In a private mount namespace the tmpfs would hide the directory Docker binds:
+    the run dir stays a plain directory, with a warning."""
+    run = tmp_path / "run" / "0123456789ab"
+    code = ("import logging, sys; logging.basicConfig(); from pathlib import Path; "
+            "from aiva import runmount; "
+            "print(runmount.ensure(Path(sys.argv[1])), runmount.is_private_mount("
+            "Path(sys.argv[1])))")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                        "-c", code, str(run)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]
+    assert "does not see mounts" in r.stderr
+    assert run.is_dir() and not os.path.ismount(run)
