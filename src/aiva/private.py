@@ -200,6 +200,21 @@ def open_private(path: Path, flags: int) -> int:
     return fd
 
 
+def make_private_file(path: Path) -> None:
+    """Make sure ``path`` exists as a 0600 file without opening one that exists: closing
+    any descriptor of a database file drops every POSIX lock this process holds on it
+    (SQLite's, through its other connections). An older file open to others is chmodded."""
+    try:
+        os.close(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        return
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077 \
+            and st.st_uid == os.geteuid():
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
+
+
 def write_private(path: Path, data: str | bytes) -> None:
     """Replace ``path`` atomically with ``data`` in a new 0600 file."""
     raw = data.encode() if isinstance(data, str) else data

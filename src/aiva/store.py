@@ -8,7 +8,6 @@ CLI processes racing on one sandbox cannot both win.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ from typing import Any
 
 from aiva.errors import InvalidTransition, SandboxExists, SandboxNotFound
 from aiva.models import Event, SandboxInfo, SandboxSpec, State, can_move, utcnow
-from aiva.private import open_private
+from aiva.private import make_private_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -57,8 +56,7 @@ class SqliteFile:
     read-then-write race. The stores of aiva's parts share the state db through it."""
 
     def __init__(self, path: Path, schema: str) -> None:
-        os.close(open_private(path, os.O_RDWR | os.O_CREAT))  # 0600: SQLite gives its
-        # -wal and -shm files the database's mode
+        make_private_file(path)  # 0600: SQLite gives its -wal and -shm files the db's mode
         self.path = path
         self._local = threading.local()
         self._db.executescript(schema)

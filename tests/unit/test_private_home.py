@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,3 +214,24 @@ def test_a_mount_the_docker_engine_cannot_see_is_not_used(tmp_path: Path) -> Non
     assert r.stdout.split() == ["False", "False"]
     assert "does not see mounts" in r.stderr
     assert run.is_dir() and not os.path.ismount(run)
+
+
+def test_an_existing_database_is_never_opened_only_chmodded(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing any descriptor of a SQLite file drops the POSIX locks this process holds on
+    it through its other connections (the daemon's store and collector share one db)."""
+    private.ensure_home()
+    db = home / "state.db"
+    private.make_private_file(db)
+    assert mode(db) == 0o600
+    db.chmod(0o644)
+    real_open = os.open
+
+    def no_reopen(path: Any, flags: int, *a: Any, **kw: Any) -> int:
+        fd = real_open(path, flags, *a, **kw)  # a refused O_EXCL makes no descriptor
+        assert str(path) != str(db), "an existing database was opened"
+        return fd
+
+    monkeypatch.setattr(os, "open", no_reopen)
+    private.make_private_file(db)
+    assert mode(db) == 0o600
