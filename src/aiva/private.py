@@ -81,7 +81,9 @@ def _make_home(home: Path) -> str | None:
     if st is not None and stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
         os.chmod(home, DIR_MODE)
         tightened = _tighten(home)
-        if any(home.iterdir()):  # an empty one (just made by hand) exposed nothing
+        # said where aiva's data (the state db's secrets ...) was exposed; a home made by
+        # hand, empty or with just a config.yaml, exposed nothing worth a warning
+        if {p.name for p in home.iterdir()} - {"config.yaml"}:
             note = (f"{home} was open to other users (mode {stat.S_IMODE(st.st_mode):o}): "
                     f"made it 0700 and {tightened} files and directories in it private")
     if _has_default_acl(home) or not _set_default_acl(home):
