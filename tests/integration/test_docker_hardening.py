@@ -283,10 +283,16 @@ def test_a_fresh_home_keeps_everything_private(python_image: str, docker_ok: Any
         found = subprocess.run(["find", str(home), "-perm", "/077", "-not", "-type", "l"],
                                capture_output=True, text=True, check=True).stdout.split()
         # public on purpose: the agent bundle (mounted into containers); the guest's own
-        # files (its socket, its syslog) in its run dir, a 0700 tmpfs
+        # files: its socket and syslog in its run dir (a 0700 tmpfs), its file tree on its
+        # disk and the image's seed below it (both in 0700 directories)
+        disks = home / "disks"
+        guest = [d for d in disks.glob("*/mnt")] + list(disks.glob(".seed/*"))
         allowed = [p for p in found if p.startswith(f"{home}/agent")
-                   or Path(p).parent.parent == home / "run"]
+                   or Path(p).parent.parent == home / "run"
+                   or any(d == Path(p) or d in Path(p).parents for d in guest)]
         assert sorted(set(found) - set(allowed)) == []
+        for d in [disks, *disks.iterdir()]:  # what holds them
+            assert stat.S_IMODE(d.lstat().st_mode) == 0o700, d
         assert any(p.endswith("agent.sock") for p in allowed)  # the check saw the run dir
         assert stat.S_IMODE((home / "state.db").stat().st_mode) == 0o600
     finally:
