@@ -121,4 +121,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if mounted:
         print(f"\nLEAK: tests left disks mounted {[str(m) for m in mounted]} (now unmounted)")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    from aiva import runmount
+
+    for mount in runmount.mounts_under(TEST_HOME / "run"):  # a sandbox's run dir tmpfs
+        runmount.release(mount)
     shutil.rmtree(TEST_HOME, ignore_errors=True)

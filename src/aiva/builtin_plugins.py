@@ -14,6 +14,7 @@ from pathlib import Path
 from aiva.config import aiva_home
 from aiva.models import Event, SandboxInfo
 from aiva.plugins import hookimpl
+from aiva.private import open_private
 
 
 def events_path() -> Path:
@@ -35,8 +36,7 @@ class EventLog:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = open_private(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             os.write(fd, line)
         finally:

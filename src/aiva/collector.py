@@ -28,6 +28,7 @@ from aiva.errors import AivaError
 from aiva.logquery import LogEntry, aiva_log_path, log_handler, query_logs, read_aiva_log
 from aiva.metrics import SandboxMetrics
 from aiva.models import Event, SandboxInfo, State
+from aiva.private import make_private_file
 
 __all__ = ["Collector", "EngineLike", "EventSource", "LogEntry", "Measurer", "Price",
            "aiva_log_path", "as_sample", "cost_of", "costs", "export_jsonl", "follow_events",
@@ -85,7 +86,7 @@ class Collector:
     def __init__(self, store: EventSource | Path | None = None) -> None:
         path = store if isinstance(store, Path) else getattr(store, "path", None)
         self.path: Path = path if isinstance(path, Path) else paths.state_db()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_file(self.path)  # 0600; -wal, -shm: its mode
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                    check_same_thread=False)

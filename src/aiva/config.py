@@ -301,11 +301,12 @@ def load_config(path: Path | None = None) -> Config:
 
 def write_default_config(path: Path | None = None) -> Path:
     """Write a commented default config if none exists, so users can see every key."""
+    from aiva.private import write_private  # it builds on this module
+
     path = path or config_path()
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = Config().model_dump(mode="json", exclude={"profiles"})
     data["profiles"] = {k: v.model_dump() for k, v in PROFILES.items()}
-    path.write_text("# aiva configuration\n" + yaml.safe_dump(data, sort_keys=False))
+    write_private(path, "# aiva configuration\n" + yaml.safe_dump(data, sort_keys=False))
     return path

@@ -760,7 +760,7 @@ class Engine:
         backend = self._backend_of(sb)
         sources = [follow_command_log(sb.id), backend.engine_logs(sb, tail=0, follow=True)]
         syslog = backend.syslog_path(sb)
-        if syslog is not None and not syslog.is_symlink():  # the guest may write there
+        if syslog is not None:  # the guest writes there: follow_jsonl opens it warily
             sources.append(follow_jsonl(syslog, source="syslog"))
         return sources
 

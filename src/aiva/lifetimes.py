@@ -205,6 +205,14 @@ def reap_disks(engine: Engine, known: Callable[[], set[str]]) -> list[str]:
     return list(gone)
 
 
+def reap_run_dirs(engine: Engine, known: Callable[[], set[str]]) -> list[str]:
+    """Unmount the run-dir tmpfs of this AIVA_HOME's Docker sandboxes that are gone."""
+    gone = cast(Any, engine.backend("docker")).reap_run_dirs(known)
+    for sid in gone:
+        engine._record("reaped", None, sandbox_id=sid, backend="docker", what="run dir")
+    return list(gone)
+
+
 def _kill_ours(pid_file: Path, marker: str) -> None:
     """SIGKILL the pid in ``pid_file`` only if its command line names ``marker``."""
     try:
@@ -264,7 +272,7 @@ def tick(engine: Engine, now: float | None = None) -> list[dict[str, Any]]:
     def known() -> set[str]:
         return {sb.id for sb in engine.store.all()}
 
-    for reap in (reap_containers, reap_egress, reap_disks, reap_vm_dirs):
+    for reap in (reap_containers, reap_egress, reap_disks, reap_run_dirs, reap_vm_dirs):
         try:
             done += [{"sandbox_id": sid, "event": "reaped"} for sid in reap(engine, known)]
         except Exception as exc:  # no Docker here, say

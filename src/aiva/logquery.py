@@ -10,6 +10,7 @@ whose UTC ISO stamps this module reads back.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -21,19 +22,20 @@ from typing import TYPE_CHECKING, Any
 from aiva.config import aiva_home
 from aiva.errors import AivaError, InvalidValue
 from aiva.models import SandboxInfo
+from aiva.private import open_private
 
 if TYPE_CHECKING:
     from aiva.collector import EngineLike
 
 log = logging.getLogger("aiva.collector")
 
-COMMAND_SOURCES = frozenset({"cmd", "stdout", "stderr", "exit"})
+COMMAND_SOURCES = frozenset({"cmd", "stdout", "stderr", "exit", "cut"})
 #: ``source=`` takes a group name or one line source.
 GROUPS = {"commands": COMMAND_SOURCES, "engine": frozenset({"engine"}),
           "syslog": frozenset({"syslog"}), "aiva": frozenset({"aiva"})}
 #: What an unknown ``source`` is told.
 SOURCES_HINT = ("use commands, engine, syslog (the guest's) or aiva, or one of cmd, stdout, "
-                "stderr, exit")
+                "stderr, exit, cut")
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?) ")
 
 
@@ -59,11 +61,12 @@ class _UTCFormatter(logging.Formatter):
 
 
 class _LazyFileHandler(logging.FileHandler):
-    """Makes AIVA_HOME only when the first record arrives, not when the CLI starts."""
+    """Makes AIVA_HOME only when the first record arrives, not when the CLI starts; the
+    file is born 0600 (AIVA_HOME is private)."""
 
     def _open(self) -> TextIOWrapper:
-        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
-        return super()._open()
+        fd = open_private(Path(self.baseFilename), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
 def log_handler(path: Path | None = None, level: int = logging.INFO) -> logging.Handler:
@@ -78,10 +81,10 @@ def log_handler(path: Path | None = None, level: int = logging.INFO) -> logging.
 def read_aiva_log(path: Path | None = None) -> list[LogEntry]:
     """aiva.log's records; a line with no time stamp (a traceback) joins the one above.
     Stamps without a zone are taken as local time (``logging``'s default format)."""
-    try:
-        text = (path or aiva_log_path()).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
+    from aiva.logs import read_tail_bytes  # it imports the backends
+
+    data = read_tail_bytes(path or aiva_log_path())  # at most limits.log_read, the newest
+    text = (data or b"").decode("utf-8", "replace")
     out: list[LogEntry] = []
     for line in text.splitlines():
         m = _STAMP.match(line)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from aiva.config import aiva_home
+from aiva.private import ensure_home
 
 AGENT_FILES = ("__main__.py", "protocol.py", "server.py")
 
@@ -68,11 +69,12 @@ def agent_bundle() -> Path:
     for name in AGENT_FILES:
         digest.update((src / name).read_bytes())
     digest.update(f"{sys.version_info[:2]}".encode())  # the bytecode is ours
-    dest = aiva_home() / "agent" / digest.hexdigest()[:12]
+    dest = ensure_home() / "agent" / digest.hexdigest()[:12]
     if not (dest / AGENT_FILES[-1]).exists():
         # unique per call, not per process: threads of one process race here too
         tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
         tmp.mkdir(parents=True, exist_ok=True)
+        os.chmod(tmp, 0o755)  # public code, mounted read-only: any guest user may read it
         for name in AGENT_FILES:
             shutil.copy2(src / name, tmp / name)
             _precompile(tmp / name)

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiva.errors import InvalidTransition, SandboxExists, SandboxNotFound
 from aiva.models import Event, SandboxInfo, SandboxSpec, State, can_move, utcnow
+from aiva.private import make_private_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -55,7 +56,7 @@ class SqliteFile:
     read-then-write race. The stores of aiva's parts share the state db through it."""
 
     def __init__(self, path: Path, schema: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_file(path)  # 0600: SQLite gives its -wal and -shm files the db's mode
         self.path = path
         self._local = threading.local()
         self._db.executescript(schema)

@@ -84,12 +84,12 @@ class Backend(ABC):
 
     def guest_syslog(self, sb: SandboxInfo, *, tail: int | None = None) -> list[LogLine]:
         """The guest's syslog so far (the last ``tail`` lines), rotated part included;
-        every line's source is "syslog", whatever the guest wrote into the file."""
+        every line's source is "syslog", whatever the guest wrote into the file. The guest
+        may put anything in its place: read through :func:`aiva.logs.read_jsonl` (no link
+        followed, no FIFO waited on, only a regular file, at most ``limits.log_read``)."""
         from aiva.logs import read_jsonl  # aiva.logs imports this module
 
         def last(path: Path, n: int | None) -> list[LogLine]:
-            if path.is_symlink():  # the guest may write there: never follow a link
-                return []
             # one more: the last line may be half written (the guest is still at it)
             lines = read_jsonl(path, tail=n + 1 if n else None, source="syslog")
             return lines[-n:] if n else lines

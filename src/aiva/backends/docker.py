@@ -11,6 +11,11 @@ ENOSPC and the host's free space moves by at most that much. The disk holds the 
 across stop/start. (Sandboxes made before, or with ``enforce_docker_disk: false``, have
 a writable root and a named volume at the workdir instead: both still work.)
 
+The sandbox is hostile (docs/SECURITY.md): its run dir is a nosuid,nodev,noexec tmpfs of
+its own (``aiva.runmount``), its container runs without CAP_MKNOD and CAP_NET_RAW and with
+``no-new-privileges``, and a connection to its agent socket is used only if the process
+listening there is in its container (``aiva.peer``).
+
 Everything aiva creates carries ``aiva.managed=true`` and ``aiva.sandbox_id``; aiva never
 touches a container or volume without them.
 """
@@ -18,18 +23,19 @@ touches a container or volume without them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiva import egress, images, paths
-from aiva.agent_client import Transport, connect_unix
+from aiva import egress, images, paths, runmount
+from aiva.agent_client import SocketTransport, Transport, connect_unix
 from aiva.backends import docker_disk
 from aiva.backends.base import Backend, LogLine, Observed
 from aiva.config import aiva_home
-from aiva.errors import BackendError, BackendUnavailable, ImageError
+from aiva.errors import BackendError, BackendUnavailable, ImageError, ProtocolError
 from aiva.metrics import SandboxMetrics, docker_metrics
 from aiva.models import SandboxInfo, State
 
@@ -37,6 +43,20 @@ AGENT_IN_SANDBOX = "/.aiva/agent"
 RUN_IN_SANDBOX = "/.aiva/run"
 SOCKET_NAME = "agent.sock"
 SYSLOG_NAME = "syslog.jsonl"  # the guest's syslog, written by the agent into the run dir
+ORPHAN_AGE = 60.0  # s: a run dir this fresh may belong to a create still under way
+_ID12 = re.compile(r"[0-9a-f-]{12}")  # run dirs are named by the id's first 12
+
+#: Every container aiva runs sandbox code in. Dropped: MKNOD (no device nodes, which on a
+#: shared mount would be the host's devices) and NET_RAW (no raw or packet sockets: no
+#: forged packets or ARP games on a bridge shared with other containers; ping still
+#: works, through the ICMP datagram sockets Docker's ping_group_range allows). Kept, for
+#: what sandboxes are for: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETUID/SETGID, SETPCAP,
+#: SETFCAP, KILL (apt and dpkg: its _apt user, file owners; pip; `exec --user`),
+#: NET_BIND_SERVICE (services on low ports), SYS_CHROOT (build tools, debootstrap) and
+#: AUDIT_WRITE (login tools). ``no-new-privileges``: no setuid binary or file capability
+#: raises a process's privileges (root stays root; a user cannot become root via sudo).
+HARDENING: dict[str, Any] = {"cap_drop": ["MKNOD", "NET_RAW"],
+                             "security_opt": ["no-new-privileges"]}
 
 _STATES = {
     "running": State.RUNNING,
@@ -233,16 +253,36 @@ class DockerBackend(Backend):
         """Allow-list leftovers of this AIVA_HOME's sandboxes that are gone: those neither
         live nor with a container (a stopped sandbox keeps its network and rules). On
         every start, so cheap: one listing when this home has no allow-list network
-        (rules go before their network; the daemon's ``reap_egress`` finds any others)."""
-        if not self._networks_of(str(aiva_home())):
-            return []
+        (rules go before their network; the daemon's ``reap_egress`` finds any others).
+        Their run dirs' tmpfs too (read from /proc: no Docker call unless one is there)."""
 
         def known() -> set[str]:
             flt = {"label": ["aiva.managed=true", f"aiva.home={aiva_home()}"]}
             return set(live_ids) | {c.labels.get("aiva.sandbox_id", "") for c in
                                     self.client.containers.list(all=True, filters=flt)}
 
-        return self.reap_egress(known)
+        runs = self.reap_run_dirs(known)
+        if not self._networks_of(str(aiva_home())):
+            return runs
+        return sorted(set(self.reap_egress(known)) | set(runs))
+
+    def reap_run_dirs(self, known: Callable[[], set[str]]) -> list[str]:
+        """Unmount and remove the run-dir tmpfs mounts of this AIVA_HOME whose sandbox is
+        not in ``known()`` (read after listing) and that are older than ``ORPHAN_AGE`` (a
+        create in another process mounts its run dir before its container exists).
+        Nothing of another AIVA_HOME, nothing that is not a tmpfs aiva would have made
+        (a VM's run dir is a plain directory). Returns the short ids (12 characters)."""
+        found = [p for p in runmount.mounts_under(aiva_home() / "run")
+                 if _ID12.fullmatch(p.name) and runmount.age(p) > ORPHAN_AGE]
+        if not found:
+            return []
+        ids = {i[:12] for i in known()}
+        gone = []
+        for path in found:
+            if path.name not in ids:
+                runmount.release(path)
+                gone.append(path.name)
+        return gone
 
     def reap_egress(self, known: Callable[[], set[str]]) -> list[str]:
         """Remove the egress networks and rules of this AIVA_HOME whose sandbox is not in
@@ -280,7 +320,7 @@ class DockerBackend(Backend):
 
         spec = sb.spec
         run = paths.run_dir(sb.id)
-        run.mkdir(parents=True, exist_ok=True)
+        self._run_dir(sb)  # a failed create leaves it to the reaper (no container, old)
         ports: dict[str, Any] = {}
         for port in spec.ports:
             key = f"{port.guest_port}/{port.protocol}"
@@ -321,7 +361,18 @@ class DockerBackend(Backend):
             extra_hosts=[f"{name}:{addr}" for name, addr
                          in egress.hosts_lines(sb.runtime.get("egress"))] or None,
             stop_signal="SIGTERM",
+            **HARDENING,
         )
+
+    def _run_dir(self, sb: SandboxInfo) -> None:
+        """The run dir as its own nosuid,nodev,noexec tmpfs (see aiva.runmount), made if
+        missing: at create, and at every start (a host reboot took it away)."""
+        try:
+            runmount.ensure(paths.run_dir(sb.id))
+        except OSError as exc:
+            raise BackendError(f"cannot prepare the run dir of {sb.name}: {exc}",
+                               hint="aiva mounts a tmpfs there as root; see `findmnt "
+                                    f"{paths.run_dir(sb.id)}`") from exc
 
     def start(self, sb: SandboxInfo) -> dict[str, Any]:
         import docker
@@ -329,6 +380,7 @@ class DockerBackend(Backend):
         c = self._require(sb)
         if "disk" in sb.runtime:  # after a reboot its mount is gone: first mount it again
             docker_disk.ensure_mounted(sb.id)
+        self._run_dir(sb)
         sock = paths.run_dir(sb.id) / SOCKET_NAME
         sock.unlink(missing_ok=True)  # a stale socket from the last run must not fool us
         if "egress" in sb.runtime:  # rules first: the sandbox never runs without them
@@ -339,6 +391,8 @@ class DockerBackend(Backend):
             raise BackendError(f"Docker could not start {sb.name}: {_short(exc)}") from exc
         try:
             self.connect_agent(sb, timeout=30).close()
+        except ProtocolError:
+            raise  # something else answers there: say that, not "did not come up"
         except Exception:
             logs = self._tail(c)
             raise BackendError(
@@ -410,7 +464,11 @@ class DockerBackend(Backend):
         except docker.errors.APIError as exc:
             raise BackendError(f"Docker could not remove {sb.name}: {_short(exc)}",
                                hint="retry `aiva rm`; see `docker ps -a`") from exc
-        shutil.rmtree(paths.run_dir(sb.id), ignore_errors=True)
+        try:
+            runmount.release(paths.run_dir(sb.id))
+        except OSError as exc:
+            raise BackendError(f"cannot remove the run dir of {sb.name}: {exc}",
+                               hint="retry `aiva rm`; see `findmnt`") from exc
 
     def observe(self, sb: SandboxInfo) -> Observed:
         c = self._container(sb)
@@ -429,9 +487,11 @@ class DockerBackend(Backend):
         return Observed(state, reason, code)
 
     def connect_agent(self, sb: SandboxInfo, *, timeout: float = 10.0) -> Transport:
+        """A connection to the agent, used only once the process listening is known to be
+        in this sandbox's container (the sandbox can replace what is at the path)."""
         path = str(paths.run_dir(sb.id) / SOCKET_NAME)
         if timeout <= 5:
-            return connect_unix(path, timeout=timeout)
+            return self._checked(sb, connect_unix(path, timeout=timeout))
         c = self._container(sb)
 
         def alive() -> bool:
@@ -440,7 +500,18 @@ class DockerBackend(Backend):
             c.reload()
             return bool(c.status == "running")
 
-        return connect_unix(path, timeout=timeout, alive=alive)
+        return self._checked(sb, connect_unix(path, timeout=timeout, alive=alive))
+
+    def _checked(self, sb: SandboxInfo, transport: SocketTransport) -> SocketTransport:
+        from aiva.peer import check_container_peer
+
+        try:
+            check_container_peer(transport.sock, str(sb.runtime.get("container_id") or ""),
+                                 sb.name)
+        except BaseException:
+            transport.close()
+            raise
+        return transport
 
     def engine_logs(self, sb: SandboxInfo, *, tail: int | None = None,
                     follow: bool = False) -> Iterator[LogLine]:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from aiva.mcp.http import McpEndpoint
 from aiva.daemon.wire import daemon_running
 from aiva.errors import AivaError, BackendUnavailable
+from aiva.private import ensure_home, open_private, write_private
 
 log = logging.getLogger("aiva.daemon")
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
@@ -49,9 +50,9 @@ def serve(port: int | None = None, *, mcp_allow_dirs: list[str] | None = None) -
 
     grants = Grants.resolve(mcp_allow_dirs or [], load_config().mcp.allow_dirs)
 
-    home = aiva_home()
-    home.mkdir(parents=True, exist_ok=True)
-    lock = open(home / "daemon.lock", "a")  # held (locked) for the daemon's whole life
+    home = ensure_home()
+    # held (locked) for the daemon's whole life
+    lock = os.fdopen(open_private(home / "daemon.lock", os.O_WRONLY | os.O_CREAT), "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -68,8 +69,8 @@ def serve(port: int | None = None, *, mcp_allow_dirs: list[str] | None = None) -
         states = _reconcile_all(engine)
         engine.store.record("daemon_started", None, pid=os.getpid(), port=port,
                             version=__version__, sandboxes=states)
-        wire.pid_path().write_text(f"{os.getpid()}\n")
-        wire.state_path().write_text(json.dumps({
+        write_private(wire.pid_path(), f"{os.getpid()}\n")
+        write_private(wire.state_path(), json.dumps({
             "pid": os.getpid(), "port": port, "started_at": time.time(),
             "version": __version__, "socket": str(wire.socket_path())}))
         app = create_app(engine, port=port, mcp_grants=grants)
@@ -190,18 +191,19 @@ def start(port: int | None = None, *, foreground: bool = False, timeout: float =
     if foreground:
         serve(port, mcp_allow_dirs=mcp_allow_dirs)
         return {"running": False}
-    aiva_home().mkdir(parents=True, exist_ok=True)
+    ensure_home()
     cmd = [sys.executable, "-m", "aiva.daemon"]
     if port is not None:
         cmd += ["--port", str(port)]
     for d in mcp_allow_dirs or []:  # absolute: the daemon's directory is not the caller's
         cmd += ["--mcp-allow-dir", os.path.abspath(os.path.expanduser(d))]
-    with wire.log_path().open("ab") as out:
+    log_fd = open_private(wire.log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(log_fd, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "AIVA_NO_DAEMON": "1"})
     _spawned[proc.pid] = proc
-    wire.pid_path().write_text(f"{proc.pid}\n")
+    write_private(wire.pid_path(), f"{proc.pid}\n")
     deadline = time.monotonic() + timeout
     while not daemon_running(timeout=0.5, answer_timeout=0.5):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from aiva.config import aiva_home
 from aiva.errors import AivaError
 from aiva.models import utcnow
+from aiva.private import open_private
 
 if TYPE_CHECKING:
     from aiva.engine import Engine
@@ -165,8 +166,8 @@ def lessons_path() -> Path:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    fd = open_private(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT)
+    with os.fdopen(fd, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
