@@ -311,7 +311,8 @@ def sandbox_out(sb: SandboxInfo, cls: type[SandboxOut] = SandboxOut) -> SandboxO
     return cls(
         name=sb.name, id=sb.id, state=sb.state.value, backend=spec.backend, image=spec.image,
         cpus=spec.cpus, memory=format_size(spec.memory), network=spec.network,
-        runtime=spec.runtime, workdir=spec.workdir, ports=[str(p) for p in sb.runtime.get("ports") or []],
+        runtime=spec.runtime, workdir=spec.workdir,
+        ports=[str(p) for p in sb.runtime.get("ports") or []],
         error=sb.error, created_at=sb.created_at.isoformat())
 
 
