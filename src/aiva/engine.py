@@ -201,7 +201,7 @@ class Engine:
                 port_specs.append(desktop_session.novnc_port())
         backend = backend or (d.backend if d.backend != "auto" else self.backend().name)
         runtime = runtime or "runc"
-        check_runtime(runtime, backend)
+        check_runtime(runtime, backend, desktop=is_desktop)
         try:
             return SandboxSpec(
                 backend=backend,

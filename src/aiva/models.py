@@ -298,7 +298,7 @@ class SandboxSpec(BaseModel):
 
     @model_validator(mode="after")
     def _runtime_fits(self) -> SandboxSpec:
-        check_runtime(self.runtime, self.backend)
+        check_runtime(self.runtime, self.backend, desktop=self.desktop)
         return self
 
 
@@ -311,13 +311,19 @@ def parse_runtime(text: str | None) -> Runtime | None:
     return cast(Runtime, text)
 
 
-def check_runtime(runtime: str, backend: str) -> None:
-    """gVisor wraps a container; a microVM is already its own kernel."""
+def check_runtime(runtime: str, backend: str, *, desktop: bool = False) -> None:
+    """gVisor wraps a container; a microVM is already its own kernel. The desktop's stack
+    (X server, VNC, a browser) is not known to run under the 2022 runsc."""
     parse_runtime(runtime)
-    if runtime == "gvisor" and backend != "docker":
+    if runtime != "gvisor":
+        return
+    if backend != "docker":
         raise InvalidValue(f"--runtime gvisor is for the Docker backend, not {backend}",
                            hint="a microVM already runs its own kernel: drop --runtime gvisor, "
                            "or use --backend docker")
+    if desktop:
+        raise InvalidValue("a desktop sandbox cannot run under gVisor",
+                           hint="drop --runtime gvisor for the desktop")
 
 
 def check_mounts(mounts: list[MountSpec], workdir: str) -> None:
