@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,36 @@ def test_a_gvisor_sandbox_runs_on_gvisors_kernel(make_sandbox: Any, docker_ok: A
     sb._engine.delete(sb.name, volumes=True)
     assert not docker_ok.containers.list(all=True, filters={"id": cid})
     assert not docker_ok.volumes.list(filters={"name": vol})
+
+
+def test_mounts_and_ports_under_gvisor(make_sandbox: Any, gvisor_ok: None,
+                                      tmp_path: Path) -> None:
+    """A read-only --mount stays read-only (the gofer enforces Docker's bind flags), a
+    read-write one is written through to the host, a published port answers."""
+    ro, rw = tmp_path / "ro", tmp_path / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    (ro / "f").write_text("host")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sb = make_sandbox(runtime="gvisor", memory="256MB", ports=[f"{port}:8080"],
+                      mounts=[f"{ro}:/mnt/ro:ro", f"{rw}:/mnt/rw"])
+    r = sb.commands.run("cat /mnt/ro/f; echo x > /mnt/ro/g; echo in > /mnt/rw/h")
+    assert r.stdout == "host" and "Read-only file system" in r.stderr
+    assert not (ro / "g").exists() and (rw / "h").read_text() == "in\n"
+    sb.commands.run(["python3", "-m", "http.server", "8080", "--directory", "/mnt/ro"],
+                    background=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/f", timeout=2) as resp:
+                assert resp.read() == b"host"
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def test_a_fork_keeps_gvisor(make_sandbox: Any, engine: Any, gvisor_ok: None) -> None:
