@@ -21,8 +21,11 @@ GV_PROBE_IMAGE=${AIVA_GVISOR_PROBE_IMAGE:-aiva/python}
 gv_say() { printf '\033[1;34m==>\033[0m %s\n' "$*" >&2; }
 gv_fail() { echo "gVisor setup: $*" >&2; return 1; }
 
-gv_registered() {
-  docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q "\"$GV_NAME\""
+gv_registered() {  # the engine lists it, with the flags this version of aiva needs
+  docker info --format '{{json .Runtimes}}' 2>/dev/null | python3 -c "
+import json, sys
+r = json.load(sys.stdin).get('$GV_NAME') or {}
+sys.exit(0 if '--host-uds=all' in (r.get('runtimeArgs') or []) else 1)" 2>/dev/null
 }
 
 # Merge {"runtimes": {NAME: {"path": ..., "runtimeArgs": [...]}}} into the config; prints
@@ -38,6 +41,8 @@ try:
     mode = os.stat(path).st_mode & 0o777
 except FileNotFoundError:
     conf, mode = {}, 0o644
+except ValueError as exc:
+    sys.exit(f"{path} is not valid JSON ({exc}); not touching it")
 if not isinstance(conf, dict) or not isinstance(conf.get("runtimes", {}), dict):
     sys.exit(f"{path} is not a JSON object with a 'runtimes' object; not touching it")
 want = {"path": runsc, "runtimeArgs": args}
