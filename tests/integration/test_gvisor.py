@@ -65,6 +65,20 @@ def test_a_gvisor_sandbox_runs_on_gvisors_kernel(make_sandbox: Any, docker_ok: A
     listing = aiva("ls")
     assert "docker+gvisor" in listing.stdout, listing
 
+    # pause/resume (runsc pause: the sandbox's processes are stopped, then go on)
+    sb.pause()
+    assert sb.state == State.PAUSED
+    sb.resume()
+    assert sb.commands.run(["true"]).exit_code == 0
+
+    # the guest's syslog reaches the host as under runc (the agent is its /dev/log)
+    sb.commands.run(["logger", "-t", "gv", "hello from gvisor"], check=True)
+    deadline = time.monotonic() + 30
+    while not any(line.source == "syslog" and "hello from gvisor" in line.text
+                  for line in sb._engine.logs(sb.name)):
+        assert time.monotonic() < deadline, "the syslog line did not arrive"
+        time.sleep(0.1)
+
     # stop/start: the agent comes back on a fresh socket; the data volume is kept
     sb.stop()
     assert sb.state == State.STOPPED
