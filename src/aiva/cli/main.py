@@ -183,7 +183,7 @@ def start(
     if from_snapshot:
         source, sep, tag = from_snapshot.partition(":")
         fixed = [template, image, disk, profile, label, backend, idle_timeout, on_timeout,
-                 restart, mount]  # what a snapshot fixes
+                 restart, mount, runtime]  # what a snapshot fixes
         if not sep or not source or not tag or any(fixed):
             raise InvalidValue(
                 "--from-snapshot takes SOURCE:TAG, and of the creation options only -p, "
