@@ -163,4 +163,6 @@ def test_denied_combinations_are_one_clear_line(gvisor_ok: None) -> None:
     assert r.returncode != 0 and "'runsc' is not a runtime" in r.stderr
     r = aiva("init", "gv-d", "--template", "desktop", "--runtime", "gvisor")
     assert r.returncode != 0 and "desktop sandbox cannot run under gVisor" in r.stderr
+    r = aiva("start", "gv-f", "--from-snapshot", "gv-src:s1", "--runtime", "gvisor")
+    assert r.returncode != 0 and "--from-snapshot takes SOURCE:TAG" in r.stderr  # kept
     assert "gv-" not in aiva("ls").stdout + aiva("ls").stderr
