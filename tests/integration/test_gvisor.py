@@ -101,11 +101,26 @@ def test_a_gvisor_sandbox_runs_on_gvisors_kernel(make_sandbox: Any, docker_ok: A
     m = sb.metrics()
     assert m.memory["used"] > 0 and m.source["memory"] == "cgroup", m
 
-    # rm: container, volume and run dir gone
-    cid, vol = sb.info.runtime["container_id"], sb.info.runtime["volume"]
+    # rm: container and disk gone
+    from aiva.backends import docker_disk
+
+    cid = sb.info.runtime["container_id"]
     sb._engine.delete(sb.name, volumes=True)
     assert not docker_ok.containers.list(all=True, filters={"id": cid})
-    assert not docker_ok.volumes.list(filters={"name": vol})
+    assert not docker_disk.disk_dir(sb.id).exists()
+
+
+def test_the_disk_limit_holds_under_gvisor(make_sandbox: Any, gvisor_ok: None) -> None:
+    """--disk is the sandbox's ext4 image, reached through gVisor's gofer: a sandbox that
+    fills it gets ENOSPC, as under runc."""
+    sb = make_sandbox(runtime="gvisor", memory="256MB", disk="128MB")
+    r = sb.commands.run("dd if=/dev/zero of=/workspace/fill bs=1M count=400 2>&1; "
+                        "echo rc=$?; touch /x 2>&1 || echo root-ro")
+    assert "No space left on device" in r.stdout and "rc=1" in r.stdout, r.stdout
+    assert "root-ro" in r.stdout  # the root file system is read-only here too
+    size = sb.commands.run(["python3", "-c", "import os; print(os.path.getsize("
+                            "'/workspace/fill'))"]).stdout  # (coreutils' stat fails here)
+    assert int(size) < 128 << 20
 
 
 def test_mounts_and_ports_under_gvisor(make_sandbox: Any, gvisor_ok: None,
