@@ -12,14 +12,19 @@ the same run (numbers from different runs or machines are not comparable):
    the ``docker exec`` CLI against a container of the same image.
 3. file throughput, 100 MB each way, vs ``docker cp`` in and out.
 4. parallel create of 10 sandboxes vs 10 parallel ``docker run --rm``.
+5. what gVisor costs: figures 1-3 for a ``--runtime gvisor`` sandbox against a runc one,
+   interleaved in the same run (skipped, with a note, where scripts/setup.sh has not
+   registered the runtime).
 
-Run: ``.venv/bin/python bench/core.py [--quick]``. Results go to bench/results/core.json.
+Run: ``.venv/bin/python bench/core.py [--quick] [--only gvisor]``. Results go to
+bench/results/core.json (``--only gvisor``: core.gvisor.json).
 Every sandbox and container it makes is removed at the end, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shutil
@@ -78,10 +83,13 @@ class Counts:
     file_mb: int = 100
     parallel: int = 10
     parallel_rounds: int = 3
+    gvisor_create: int = 5
+    gvisor_execs: int = 200
 
 
 FULL = Counts()
-QUICK = Counts(create=3, execs=100, exec_run=20, exec_cli=10, file_runs=1, parallel_rounds=1)
+QUICK = Counts(create=3, execs=100, exec_run=20, exec_cli=10, file_runs=1, parallel_rounds=1,
+               gvisor_create=3, gvisor_execs=100)
 
 
 class BenchError(RuntimeError):
@@ -122,8 +130,8 @@ class Boxes:
         self._lock = threading.Lock()
         self._live: list[Sandbox] = []
 
-    def create(self, memory: str) -> Sandbox:
-        sb = Sandbox.create(memory=memory)
+    def create(self, memory: str, runtime: str = "runc") -> Sandbox:
+        sb = Sandbox.create(memory=memory, runtime=runtime)
         with self._lock:
             self._live.append(sb)
         return sb
@@ -144,10 +152,11 @@ class Boxes:
                          f"{exc}[/yellow]")
 
 
-def create_and_exec(boxes: Boxes, memory: str) -> tuple[float, Sandbox]:
+def create_and_exec(boxes: Boxes, memory: str, runtime: str = "runc"
+                    ) -> tuple[float, Sandbox]:
     """Seconds from ``Sandbox.create`` to the end of the first ``run(["true"])``."""
     t0 = time.perf_counter()
-    sb = boxes.create(memory)
+    sb = boxes.create(memory, runtime)
     sb.commands.run(["true"], check=True)
     return time.perf_counter() - t0, sb
 
@@ -366,6 +375,59 @@ def fig_parallel(c: Counts, boxes: Boxes, single: tuple[float, float], rep: Repo
         "mean_latency": {k: [round(x, 4) for x in v] for k, v in means.items()}}
 
 
+def gvisor_ready(client: Any) -> bool:
+    from aiva.backends.docker import GVISOR_RUNTIME
+
+    return GVISOR_RUNTIME in (client.info().get("Runtimes") or {})
+
+
+def fig_gvisor(c: Counts, boxes: Boxes, rep: Report) -> None:
+    """Figure 5: the same aiva calls on a gVisor sandbox and a runc one, interleaved."""
+    runtimes = ("gvisor", "runc")
+    progress(f"[bold]5. gVisor vs runc[/bold]: create -> first exec, {c.gvisor_create} "
+             "rounds (warm-up not counted)")
+    for rt in runtimes:
+        boxes.destroy(create_and_exec(boxes, "1GB", rt)[1])
+    create: dict[str, list[float]] = {rt: [] for rt in runtimes}
+    for i in range(c.gvisor_create):
+        for rt in runtimes:
+            dt, sb = create_and_exec(boxes, "1GB", rt)
+            boxes.destroy(sb)
+            create[rt].append(dt)
+        progress(f"   round {i + 1}/{c.gvisor_create}: gvisor {create['gvisor'][-1] * 1e3:.0f}"
+                 f" ms, runc {create['runc'][-1] * 1e3:.0f} ms")
+    rows = [("create->exec", f"median of {c.gvisor_create}", "ms",
+             statistics.median(create["gvisor"]) * 1e3, statistics.median(create["runc"]) * 1e3)]
+    execs: dict[str, list[float]] = {}
+    writes: dict[str, list[float]] = {}
+    reads: dict[str, list[float]] = {}
+    data = os.urandom(c.file_mb * MB)
+    for rt in runtimes:
+        progress(f"   {rt}: exec `true` x{c.gvisor_execs}, files {c.file_mb} MB x{c.file_runs}")
+        sb = boxes.create("1GB", rt)
+        try:
+            execs[rt] = sample(functools.partial(sb.commands.run, ["true"], check=True),
+                               c.gvisor_execs, warm=10)
+            writes[rt], reads[rt] = aiva_file_rates(c, sb, data)
+        finally:
+            boxes.destroy(sb)
+    del data
+    for q in (50, 95):
+        rows.append(("exec true", f"p{q}", "ms", pct(execs["gvisor"], q) * 1e3,
+                     pct(execs["runc"], q) * 1e3))
+    for way, rates in (("write", writes), ("read", reads)):
+        rows.append((f"files {c.file_mb}MB", f"{way} median", "MB/s",
+                     statistics.median(rates["gvisor"]), statistics.median(rates["runc"])))
+    for what, metric, unit, g, r in rows:
+        rep.rows.append(Row(f"5 gvisor {what}", metric, unit, g, "same, runc", r,
+                            ratio(g, r), "gvisor/runc"))
+    rep.samples["gvisor"] = {
+        "create_ms": {rt: ms(v) for rt, v in create.items()},
+        "exec_ms": {rt: ms(v) for rt, v in execs.items()},
+        "files_mb_s": {f"{rt}_{way}": [round(x, 1) for x in v[rt]]
+                       for way, v in (("write", writes), ("read", reads)) for rt in runtimes}}
+
+
 # ---------------------------------------------------------------------- output
 
 
@@ -464,22 +526,30 @@ class Resources:
 # ---------------------------------------------------------------------- main
 
 
-def run(c: Counts, res: Resources, rep: Report) -> None:
-    single = fig_create(c, res.boxes, rep)
-    fig_disk(c, docker.from_env(), rep)
-    fig_exec(c, res.boxes, res.peer(), rep)
-    fig_files(c, res.boxes, res.peer(), res.tmp, rep)
-    fig_parallel(c, res.boxes, single, rep)
+def run(c: Counts, res: Resources, rep: Report, only: str | None = None) -> None:
+    if only is None:
+        single = fig_create(c, res.boxes, rep)
+        fig_disk(c, docker.from_env(), rep)
+        fig_exec(c, res.boxes, res.peer(), rep)
+        fig_files(c, res.boxes, res.peer(), res.tmp, rep)
+        fig_parallel(c, res.boxes, single, rep)
+    if gvisor_ready(res.client):
+        fig_gvisor(c, res.boxes, rep)
+    else:
+        rep.notes.append("figure 5 skipped: the engine has no aiva-runsc runtime "
+                         "(scripts/setup.sh registers it)")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    ap.add_argument("--only", choices=["gvisor"], help="just figure 5 (gVisor vs runc)")
     ap.add_argument("--out", type=Path, help="JSON path (default bench/results/core.json; "
-                    "core.quick.json with --quick)")
+                    "core.quick.json with --quick; core.gvisor[.quick].json with --only)")
     args = ap.parse_args(argv)
     c = QUICK if args.quick else FULL
-    out = args.out or RESULTS / ("core.quick.json" if args.quick else "core.json")
+    stem = "core.gvisor" if args.only else "core"
+    out = args.out or RESULTS / (f"{stem}.quick.json" if args.quick else f"{stem}.json")
     try:
         client = docker.from_env(timeout=300)
         client.images.get(IMAGE)
@@ -494,13 +564,13 @@ def main(argv: list[str] | None = None) -> int:
              "other container(s) running")
     res, rep = Resources(client), Report()
     try:
-        run(c, res, rep)
+        run(c, res, rep, args.only)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         return 130
     finally:
         res.cleanup()
-    render(rep.rows, "aiva vs Docker (same host, same run)")
+    render(rep.rows, "aiva vs Docker (same host, same run)", notes=rep.notes)
     write_json(out, host, rep)
     return 0
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what aiva needs on Debian/Ubuntu, idempotently: a Python venv with aiva,
-# the Docker engine (started if it is not running), mmdebstrap, and the base image.
+# the Docker engine (started if it is not running), mmdebstrap, the base image, and
+# gVisor's runsc registered with the engine (scripts/gvisor.sh).
 # Sourced by scripts/quickstart.sh and scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -68,4 +69,7 @@ fi
 # --- The base image (built once from Debian packages, then cached)
 say "base image: aiva/python"
 .venv/bin/aiva image build python --no-vm
+
+# --- gVisor (`--runtime gvisor`): runsc registered with the engine as aiva-runsc
+$SUDO bash scripts/gvisor.sh || say "gVisor is not set up: --runtime gvisor will say so"
 export PATH="$ROOT/.venv/bin:$PATH"

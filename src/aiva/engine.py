@@ -38,6 +38,7 @@ from aiva.models import (
     MountSpec,
     OnTimeout,
     PortSpec,
+    Runtime,
     SandboxInfo,
     SandboxSpec,
     ServiceSpec,
@@ -45,6 +46,7 @@ from aiva.models import (
     check_action,
     check_mounts,
     check_name,
+    check_runtime,
     check_tag,
     utcnow,
 )
@@ -163,12 +165,14 @@ class Engine:
         on_timeout: OnTimeout | None = None,
         restart: str | None = None,
         mounts: Sequence[str | MountSpec] | None = None,
+        runtime: Runtime | None = None,
     ) -> SandboxSpec:
         """Fill a spec from the arguments, then the config defaults, then the profile.
 
         ``mounts``: ``DIR[:GUEST_PATH][:ro]`` strings (DIR relative to this process's
         directory) or MountSpecs; each host directory must exist now.
         ``network``: ``nat``, ``none`` or ``allow=HOST[:PORT][,...]`` (see ``aiva.egress``).
+        ``runtime``: ``runc`` (default) or ``gvisor`` (Docker only).
         """
         d = self.config.defaults
         prof = self.config.profile(profile)
@@ -195,9 +199,12 @@ class Engine:
                                    "through a published port", hint="drop `--network none`")
             if all(p.guest_port != desktop_session.NOVNC_PORT for p in port_specs):
                 port_specs.append(desktop_session.novnc_port())
+        backend = backend or (d.backend if d.backend != "auto" else self.backend().name)
+        runtime = runtime or "runc"
+        check_runtime(runtime, backend, desktop=is_desktop)
         try:
             return SandboxSpec(
-                backend=backend or (d.backend if d.backend != "auto" else self.backend().name),
+                backend=backend,
                 image=_image_ref(image or template or d.image),
                 template=template or _template_name(image),
                 profile=profile or d.profile,
@@ -215,6 +222,7 @@ class Engine:
                 idle_timeout=idle_timeout if idle_timeout is not None else d.idle_timeout,
                 on_timeout=on_timeout or d.on_timeout,
                 restart=restart or d.restart,
+                runtime=runtime,
             )
         except ValidationError as exc:  # a bad value the user gave: one clear line
             err = exc.errors()[0]
@@ -800,9 +808,14 @@ class Engine:
         else:
             raise InvalidValue(f"unknown key '{key}'",
                                hint="settable: cpus, memory, env.NAME, labels.NAME")
+        before = sb.spec
         sb = self.store.update(name, spec=spec)
         if head in LIVE_KEYS:
-            self._backend_of(sb).update_resources(sb)
+            try:
+                self._backend_of(sb).update_resources(sb)
+            except BaseException:  # not applied: the record keeps what really runs
+                self.store.update(name, spec=before)
+                raise
         self._record("config_changed", sb, key=key, value=value)
         return sb
 

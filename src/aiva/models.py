@@ -14,7 +14,7 @@ import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -49,6 +49,9 @@ def check_restart(policy: str) -> str:
 
 RestartPolicy = Annotated[str, AfterValidator(check_restart)]
 OnTimeout = Literal["stop", "pause", "destroy"]
+#: What runs a Docker sandbox: Docker's default runc (the host's kernel, namespaces and
+#: cgroups), or gVisor's runsc (a user-space kernel between the sandbox and the host's).
+Runtime = Literal["runc", "gvisor"]
 
 
 def check_tag(tag: str) -> str:
@@ -286,11 +289,41 @@ class SandboxSpec(BaseModel):
     idle_timeout: float | None = Field(default=None, gt=0)  # seconds without command/files
     on_timeout: OnTimeout = "stop"
     restart: RestartPolicy = "no"
+    runtime: Runtime = "runc"  # Docker only: gvisor runs it under runsc (aiva.backends.docker)
 
     @model_validator(mode="after")
     def _mounts_fit(self) -> SandboxSpec:
         check_mounts(self.mounts, self.workdir)
         return self
+
+    @model_validator(mode="after")
+    def _runtime_fits(self) -> SandboxSpec:
+        check_runtime(self.runtime, self.backend, desktop=self.desktop)
+        return self
+
+
+def parse_runtime(text: str | None) -> Runtime | None:
+    """A runtime name as given on a command line (None: the default)."""
+    if text is None:
+        return None
+    if text not in ("runc", "gvisor"):
+        raise InvalidValue(f"'{text}' is not a runtime", hint="use runc or gvisor")
+    return cast(Runtime, text)
+
+
+def check_runtime(runtime: str, backend: str, *, desktop: bool = False) -> None:
+    """gVisor wraps a container; a microVM is already its own kernel. The desktop's stack
+    (X server, VNC, a browser) is not known to run under the 2022 runsc."""
+    parse_runtime(runtime)
+    if runtime != "gvisor":
+        return
+    if backend != "docker":
+        raise InvalidValue(f"--runtime gvisor is for the Docker backend, not {backend}",
+                           hint="a microVM already runs its own kernel: drop --runtime gvisor, "
+                           "or use --backend docker")
+    if desktop:
+        raise InvalidValue("a desktop sandbox cannot run under gVisor",
+                           hint="drop --runtime gvisor for the desktop")
 
 
 def check_mounts(mounts: list[MountSpec], workdir: str) -> None:

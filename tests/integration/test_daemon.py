@@ -353,3 +353,17 @@ def test_files_out_through_the_daemon_lose_their_powers(remote: RemoteEngine,
         remote.copy_out(name, "/workspace/o/t", tmp_path / "link")
     assert (tmp_path / "victim").read_text() == "keep me"
     remote.delete(name, volumes=True)
+
+
+def test_a_gvisor_sandbox_through_the_daemon(remote: RemoteEngine, boxes: list[str],
+                                             gvisor_ok: None) -> None:
+    """``runtime`` crosses the API (SpecFields), and a refusal comes back as the same
+    InvalidValue."""
+    name = f"dmn-gv-{uuid.uuid4().hex[:6]}"
+    boxes.append(name)
+    sb = remote.create(name, remote.build_spec(cpus=1, memory="256MB", runtime="gvisor"))
+    assert sb.state == State.RUNNING and sb.spec.runtime == "gvisor"
+    assert run(remote, name, ["uname", "-r"]).stdout.strip() == "4.4.0"
+    assert remote.status(name).spec.runtime == "gvisor"
+    with pytest.raises(errors.InvalidValue, match="for the Docker backend, not qemu"):
+        remote.build_spec(backend="qemu", runtime="gvisor")

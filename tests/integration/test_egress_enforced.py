@@ -318,6 +318,21 @@ def test_docker_sandbox_reaches_only_its_list(engine: Any, make_sandbox: Any, do
         assert not Path(f"/sys/class/net/{egress.docker_bridge(sb.id)}").exists()
 
 
+def test_gvisor_sandbox_reaches_only_its_list(engine: Any, make_sandbox: Any, docker_ok: Any,
+                                             gvisor_ok: None, servers: dict[str, str]) -> None:
+    """Under gVisor (runsc --network=host here: the container's own namespace), the
+    packets still cross the sandbox's bridge, so the same nft rules hold."""
+    a, b = servers["A"], servers["B"]
+    sb = make_sandbox(network=f"allow={a}:8000", memory="256MB", runtime="gvisor")
+    assert sb.commands.run(["uname", "-r"]).stdout.strip() == "4.4.0"  # gVisor's kernel
+    with host_listener(_gateway(docker_ok, sb)) as host:
+        seen = probe(in_sandbox(engine, sb.name), [f"{a}:8000", f"{a}:8001", f"{b}:8000",
+                                                   host.target], [host.target])
+        assert seen == {f"{a}:8000": "ok:A", f"{a}:8001": "timeout", f"{b}:8000": "timeout",
+                        host.target: "timeout"}
+        assert host.hits == {"tcp": 0, "udp": 0}
+
+
 def test_docker_host_names_are_pinned_and_bad_lists_refused(
         engine: Any, servers: dict[str, str], tmp_path: Path) -> None:
     a, b = servers["A"], servers["B"]

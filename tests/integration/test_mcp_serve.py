@@ -226,6 +226,30 @@ def test_stdio_agent_session(python_image: str, boxes: list[str], tmp_path: Path
     print("\nstdio timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
 
 
+def test_stdio_sandbox_create_under_gvisor(gvisor_ok: None, boxes: list[str]) -> None:
+    """An MCP client may ask for the stronger wall; the answer says which runtime it got."""
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    params = StdioServerParameters(command=sys.executable,
+                                   args=["-m", "aiva.cli.main", "mcp", "serve"],
+                                   env=_server_env())
+    name = f"mcp-gv-{uuid.uuid4().hex[:6]}"
+    boxes.append(name)
+
+    async def session() -> None:
+        async with Client(params, read_timeout_seconds=TIMEOUT) as client:
+            sb = await _call(client, "sandbox_create", name=name, cpus=1, memory="256MB",
+                             runtime="gvisor")
+            assert sb["runtime"] == "gvisor" and sb["state"] == "running"
+            run = await _call(client, "exec", sandbox=name, command=["uname", "-r"])
+            assert run["stdout"] == "4.4.0\n"
+            status = await _call(client, "sandbox_status", sandbox=name)
+            assert status["runtime"] == "gvisor"
+
+    asyncio.run(session())
+
+
 def test_stdio_stdout_carries_only_protocol(python_image: str) -> None:
     """The raw stream: every line the server writes to stdout is a JSON-RPC message, and
     the server exits cleanly when its client closes stdin."""

@@ -210,7 +210,8 @@ def test_tool_list_is_what_agents_see() -> None:
 KEYWORDS = {"exec": {"env", "cwd", "timeout", "stdin"}, "delete": {"volumes"},
             "sync": {"direction", "delete", "exclude", "prefer"}, "write_file": {"mode"},
             "logs": {"tail"},
-            "build_spec": {"template", "image", "cpus", "memory", "network", "timeout"}}
+            "build_spec": {"template", "image", "cpus", "memory", "network", "timeout",
+                           "runtime"}}
 
 
 def test_remote_engine_takes_every_call_the_tools_make() -> None:

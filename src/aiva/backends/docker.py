@@ -35,7 +35,13 @@ from aiva.agent_client import SocketTransport, Transport, connect_unix
 from aiva.backends import docker_disk
 from aiva.backends.base import Backend, LogLine, Observed
 from aiva.config import aiva_home
-from aiva.errors import BackendError, BackendUnavailable, ImageError, ProtocolError
+from aiva.errors import (
+    BackendError,
+    BackendUnavailable,
+    ImageError,
+    InvalidValue,
+    ProtocolError,
+)
 from aiva.metrics import SandboxMetrics, docker_metrics
 from aiva.models import SandboxInfo, State
 
@@ -57,6 +63,10 @@ _ID12 = re.compile(r"[0-9a-f-]{12}")  # run dirs are named by the id's first 12
 #: raises a process's privileges (root stays root; a user cannot become root via sudo).
 HARDENING: dict[str, Any] = {"cap_drop": ["MKNOD", "NET_RAW"],
                              "security_opt": ["no-new-privileges"]}
+
+#: The Docker runtime scripts/setup.sh registers for ``--runtime gvisor``: runsc with the
+#: flags these hosts need (its own name, so a user's ``runsc`` entry is never touched).
+GVISOR_RUNTIME = "aiva-runsc"
 
 _STATES = {
     "running": State.RUNNING,
@@ -134,9 +144,21 @@ class DockerBackend(Backend):
     # ------------------------------------------------------------------ lifecycle
 
     def create(self, sb: SandboxInfo) -> dict[str, Any]:
+        self._check_runtime(sb)
         image = images.resolve_image(self.client, sb.spec.image)
         images.check_python(self.client, image)
         return self._create(sb, image.id)
+
+    def _check_runtime(self, sb: SandboxInfo) -> None:
+        """``--runtime gvisor`` needs aiva's runsc entry in the engine's runtimes."""
+        if sb.spec.runtime != "gvisor":
+            return
+        runtimes = self.client.info().get("Runtimes") or {}
+        if GVISOR_RUNTIME not in runtimes:
+            raise BackendUnavailable(
+                f"gVisor is not set up: the Docker engine has no '{GVISOR_RUNTIME}' runtime",
+                hint="run scripts/setup.sh as root (it installs runsc and registers it "
+                "in /etc/docker/daemon.json), or drop --runtime gvisor")
 
     def _create(self, sb: SandboxInfo, image_id: str, *,
                 copy_from: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -362,6 +384,7 @@ class DockerBackend(Backend):
                          in egress.hosts_lines(sb.runtime.get("egress"))] or None,
             stop_signal="SIGTERM",
             **HARDENING,
+            runtime=GVISOR_RUNTIME if spec.runtime == "gvisor" else None,
         )
 
     def _run_dir(self, sb: SandboxInfo) -> None:
@@ -587,6 +610,7 @@ class DockerBackend(Backend):
 
     def create_from_snapshot(self, sb: SandboxInfo, source: SandboxInfo, tag: str,
                              snap: dict[str, Any]) -> dict[str, Any]:
+        self._check_runtime(sb)
         return self._create(sb, snap["image"], copy_from=snap)
 
     def delete_snapshots(self, sb: SandboxInfo, snaps: list[dict[str, Any]]) -> None:
@@ -642,6 +666,9 @@ class DockerBackend(Backend):
 
         c = self._require(sb)
         spec = sb.spec
+        if spec.runtime == "gvisor" and c.status in ("running", "paused"):
+            raise InvalidValue(f"gVisor cannot change the limits of {sb.name} while it runs",
+                               hint=f"stop it, set the value, start it: `aiva stop {sb.name}`")
         try:
             c.update(**_cpu(spec.cpus), mem_limit=spec.memory, memswap_limit=spec.memory)
         except docker.errors.APIError as exc:

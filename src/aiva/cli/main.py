@@ -19,6 +19,7 @@ from aiva.cli import output
 from aiva.cli.daemon_cmd import daemon_app
 from aiva.cli.dashboard_cmd import dashboard
 from aiva.errors import AivaError, InvalidValue
+from aiva.models import parse_runtime
 
 app = typer.Typer(
     name="aiva",
@@ -98,6 +99,9 @@ NetworkOpt = Annotated[str, typer.Option(
     "only those (names, IPv4 addresses or CIDRs; names resolved on the host and pinned)")]
 BackendOpt = Annotated[str | None, typer.Option(
     "--backend", help="docker, qemu or firecracker (default: auto, which picks docker)")]
+RuntimeOpt = Annotated[str | None, typer.Option(
+    "--runtime", help="runc (default) or gvisor: Docker sandboxes under gVisor's own "
+    "kernel, for untrusted code (set up by scripts/setup.sh)")]
 
 
 def _spec(**kw: Any) -> Any:
@@ -131,6 +135,7 @@ def init(
     on_timeout: OnTimeoutOpt = None,
     restart: RestartOpt = None,
     mount: MountOpt = None,
+    runtime: RuntimeOpt = None,
 ) -> None:
     """Create a sandbox without starting it."""
     from aiva.models import check_name
@@ -139,7 +144,8 @@ def init(
     spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
                  ports=port, profile=profile, env=env, label=label, backend=backend,
                  network=network, timeout=timeout, idle_timeout=idle_timeout,
-                 on_timeout=on_timeout, restart=restart, mounts=mount)
+                 on_timeout=on_timeout, restart=restart, mounts=mount,
+                 runtime=parse_runtime(runtime))
     sb = _engine().create(name, spec, start=False)
     output.ok(f"created {sb.name} ({sb.spec.image}); start it with `aiva start {sb.name}`")
 
@@ -163,6 +169,7 @@ def start(
     on_timeout: OnTimeoutOpt = None,
     restart: RestartOpt = None,
     mount: MountOpt = None,
+    runtime: RuntimeOpt = None,
     from_snapshot: Annotated[str | None, typer.Option(
         "--from-snapshot", help="SOURCE:TAG: a new sandbox from a snapshot (fork)")] = None,
 ) -> None:
@@ -172,11 +179,11 @@ def start(
     check_name(name)
     engine = _engine()
     given = [template, image, cpus, memory, disk, port, profile, env, label, backend,
-             network != "nat", timeout, idle_timeout, on_timeout, restart, mount]
+             network != "nat", timeout, idle_timeout, on_timeout, restart, mount, runtime]
     if from_snapshot:
         source, sep, tag = from_snapshot.partition(":")
         fixed = [template, image, disk, profile, label, backend, idle_timeout, on_timeout,
-                 restart, mount]  # what a snapshot fixes
+                 restart, mount, runtime]  # what a snapshot fixes
         if not sep or not source or not tag or any(fixed):
             raise InvalidValue(
                 "--from-snapshot takes SOURCE:TAG, and of the creation options only -p, "
@@ -202,7 +209,8 @@ def start(
         spec = _spec(template=template, image=image, cpus=cpus, memory=memory, disk=disk,
                      ports=port, profile=profile, env=env, label=label, backend=backend,
                      network=network, timeout=timeout, idle_timeout=idle_timeout,
-                     on_timeout=on_timeout, restart=restart, mounts=mount)
+                     on_timeout=on_timeout, restart=restart, mounts=mount,
+                     runtime=parse_runtime(runtime))
         with output.status(f"starting {name} ...") as st, \
                 progress.reporting(lambda msg: st.update(f"starting {name}: {msg}")):
             sb = engine.create(name, spec)

@@ -101,7 +101,7 @@ def sandboxes(boxes: list[SandboxInfo], fmt: Fmt) -> None:
     for sb in boxes:
         style = _STATE_STYLE.get(sb.state.value, "")
         state = escape(sb.state.value + (f" ({sb.error})" if sb.error else ""))
-        table.add_row(sb.name, f"[{style}]{state}[/]", sb.spec.backend, escape(sb.spec.image),
+        table.add_row(sb.name, f"[{style}]{state}[/]", _backend(sb), escape(sb.spec.image),
                       cpus_text(sb.spec.cpus), format_size(sb.spec.memory),
                       ", ".join(sb.runtime.get("ports") or []) or "-",
                       sb.created_at.strftime("%Y-%m-%d %H:%M"))
@@ -125,6 +125,15 @@ def leftovers(items: list[Any], fmt: Fmt, *, empty: str) -> None:
     console.print(table)
 
 
+_RUNTIME_NOTE = {"runc": "runc (the host's kernel)",
+                 "gvisor": "gvisor (runsc: gVisor's kernel between it and the host's)"}
+
+
+def _backend(sb: SandboxInfo) -> str:
+    """The BACKEND column: docker+gvisor for a container under gVisor."""
+    return sb.spec.backend + ("+gvisor" if sb.spec.runtime == "gvisor" else "")
+
+
 def sandbox(sb: SandboxInfo, fmt: Fmt, metrics: SandboxMetrics | None = None) -> None:
     if fmt != Fmt.table:
         _dump(_record(sb) | ({"metrics": metrics.to_dict()} if metrics else {}), fmt)
@@ -136,6 +145,7 @@ def sandbox(sb: SandboxInfo, fmt: Fmt, metrics: SandboxMetrics | None = None) ->
     rows = [
         ("name", sb.name), ("id", sb.id), ("state", f"[{style}]{sb.state.value}[/]"),
         ("error", escape(sb.error or "-")), ("backend", sb.spec.backend),
+        *([("runtime", _RUNTIME_NOTE[sb.spec.runtime])] if sb.spec.backend == "docker" else []),
         ("image", escape(sb.spec.image)),
         ("profile", sb.spec.profile), ("cpus", cpus_text(sb.spec.cpus)),
         ("memory", format_size(sb.spec.memory)),

@@ -35,7 +35,15 @@ from aiva.daemon.bridge import run_sync
 from aiva.engine import Engine
 from aiva.errors import AivaError, InvalidValue
 from aiva.mcp.grants import Grants
-from aiva.models import Event, MountSpec, OnTimeout, PortSpec, SandboxInfo, SandboxSpec
+from aiva.models import (
+    Event,
+    MountSpec,
+    OnTimeout,
+    PortSpec,
+    Runtime,
+    SandboxInfo,
+    SandboxSpec,
+)
 from aiva.spec_rules import spec_warnings
 
 log = logging.getLogger("aiva.daemon")
@@ -234,6 +242,7 @@ class SpecFields(BaseModel):
     idle_timeout: float | None = None
     on_timeout: OnTimeout | None = None
     restart: str | None = None
+    runtime: Runtime | None = None  # runc (default) or gvisor
 
 
 class CreateRequest(SpecFields):

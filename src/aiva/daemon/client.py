@@ -49,6 +49,7 @@ from aiva.models import (
     MountSpec,
     OnTimeout,
     PortSpec,
+    Runtime,
     SandboxInfo,
     SandboxSpec,
     ServiceSpec,
@@ -137,6 +138,7 @@ class RemoteEngine:
         on_timeout: OnTimeout | None = None,
         restart: str | None = None,
         mounts: Sequence[str | MountSpec] | None = None,
+        runtime: Runtime | None = None,
     ) -> SandboxSpec:
         """The spec the daemon would build: its config and profiles fill the gaps.
         Mounts are parsed here, so a relative DIR means this process's directory."""
@@ -144,6 +146,7 @@ class RemoteEngine:
                 "memory": memory, "disk": disk, "env": env, "labels": labels,
                 "backend": backend, "network": network, "timeout": timeout,
                 "idle_timeout": idle_timeout, "on_timeout": on_timeout, "restart": restart,
+                "runtime": runtime,
                 "ports": None if ports is None else [
                     p.model_dump(mode="json") if isinstance(p, PortSpec) else p
                     for p in ports],

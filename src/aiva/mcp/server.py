@@ -78,6 +78,7 @@ class SandboxOut(BaseModel):
     cpus: float
     memory: str
     network: str
+    runtime: str = Field(default="runc", description="runc, or gvisor (gVisor's own kernel)")
     workdir: str
     ports: list[str] = Field(description="published ports, HOST:PORT->GUEST")
     error: str | None = None
@@ -310,7 +311,8 @@ def sandbox_out(sb: SandboxInfo, cls: type[SandboxOut] = SandboxOut) -> SandboxO
     return cls(
         name=sb.name, id=sb.id, state=sb.state.value, backend=spec.backend, image=spec.image,
         cpus=spec.cpus, memory=format_size(spec.memory), network=spec.network,
-        workdir=spec.workdir, ports=[str(p) for p in sb.runtime.get("ports") or []],
+        runtime=spec.runtime, workdir=spec.workdir,
+        ports=[str(p) for p in sb.runtime.get("ports") or []],
         error=sb.error, created_at=sb.created_at.isoformat())
 
 
@@ -435,12 +437,16 @@ def build_server(engine: Engine, limits: Limits | None = None,
                         "allow=HOST[:PORT],...: only those destinations")] = "nat",
         timeout: Annotated[float | None, Field(
             description="seconds of life, then it stops (enforced by the aiva daemon)")] = None,
+        runtime: Annotated[Literal["runc", "gvisor"] | None, Field(
+            description="runc (default), or gvisor: a user-space kernel between the code "
+                        "and the host's, for code nobody has read (Docker only)")] = None,
     ) -> Annotated[CallToolResult, SandboxOut]:
         labels = mine.labels()  # read here: the session is this coroutine's
 
         def create() -> CreateOut:
             spec = engine.build_spec(template=template, image=image, cpus=cpus, memory=memory,
-                                     network=network, timeout=timeout, labels=labels)
+                                     network=network, timeout=timeout, labels=labels,
+                                     runtime=runtime)
             sb = engine.create(check_name(name or f"sb-{uuid.uuid4().hex[:8]}"), spec)
             out = sandbox_out(sb, CreateOut)
             assert isinstance(out, CreateOut)

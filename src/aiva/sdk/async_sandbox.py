@@ -118,13 +118,15 @@ class AsyncSandbox:
         on_timeout: str | None = None,
         restart: str | None = None,
         mounts: builtins.list[str] | None = None,
+        runtime: str | None = None,
         engine: Engine | None = None,
     ) -> AsyncSandbox:
         sb = await asyncio.to_thread(
             Sandbox.create, name, template=template, image=image, profile=profile, cpus=cpus,
             memory=memory, disk=disk, env=env, ports=ports, labels=labels, backend=backend,
             network=network, timeout=timeout, idle_timeout=idle_timeout,
-            on_timeout=on_timeout, restart=restart, mounts=mounts, engine=engine,
+            on_timeout=on_timeout, restart=restart, mounts=mounts, runtime=runtime,
+            engine=engine,
         )
         return cls(sb)
 

@@ -24,7 +24,7 @@ from aiva.desktop import DesktopInfo
 from aiva.engine import Engine, default_engine
 from aiva.errors import CommandFailed, CommandTimeout
 from aiva.metrics import SandboxMetrics
-from aiva.models import SandboxInfo, State
+from aiva.models import SandboxInfo, State, parse_runtime
 from aiva.sync import SyncReport
 
 
@@ -166,18 +166,21 @@ class Sandbox:
         on_timeout: str | None = None,
         restart: str | None = None,
         mounts: builtins.list[str] | None = None,
+        runtime: str | None = None,
         engine: Engine | None = None,
     ) -> Sandbox:
         """Create and start a sandbox; destroyed on leaving a ``with`` block.
         ``mounts``: host directories, ``DIR[:GUEST_PATH][:ro]`` each.
-        ``network``: ``nat``, ``none`` or ``allow=HOST[:PORT][,...]`` (only those)."""
+        ``network``: ``nat``, ``none`` or ``allow=HOST[:PORT][,...]`` (only those).
+        ``runtime``: ``runc`` (default) or ``gvisor`` (Docker under gVisor's kernel)."""
         engine = engine or default_engine()
         spec = engine.build_spec(image=image, template=template, profile=profile, cpus=cpus,
                                  memory=memory, disk=disk, env=env, ports=ports, labels=labels,
                                  backend=backend, network=network, timeout=timeout,
                                  idle_timeout=idle_timeout,
                                  on_timeout=on_timeout,  # type: ignore[arg-type]
-                                 restart=restart, mounts=mounts)
+                                 restart=restart, mounts=mounts,
+                                 runtime=parse_runtime(runtime))
         info = engine.create(name or f"sb-{uuid.uuid4().hex[:8]}", spec)
         return cls(info, engine=engine, owned=True)
 
