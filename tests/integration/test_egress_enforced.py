@@ -240,6 +240,27 @@ def _gateway(docker_ok: Any, sb: Any) -> str:
     return str(net["Gateway"])
 
 
+@contextlib.contextmanager
+def no_disk_limit() -> Iterator[None]:
+    """The CLI in a private mount namespace (for its own /etc/hosts) makes mounts the
+    Docker engine cannot see, so aiva refuses to make a bounded disk there: for that run,
+    the session's config says not to enforce one (restored after)."""
+    import yaml
+
+    cfg = Path(os.environ["AIVA_HOME"]) / "config.yaml"
+    before = cfg.read_text() if cfg.exists() else None
+    data = yaml.safe_load(before or "") or {}
+    data.setdefault("defaults", {})["enforce_docker_disk"] = False
+    cfg.write_text(yaml.safe_dump(data))
+    try:
+        yield
+    finally:
+        if before is None:
+            cfg.unlink(missing_ok=True)
+        else:
+            cfg.write_text(before)
+
+
 def aiva_cli(*args: str, hosts: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI as a user runs it; with ``hosts``, in a mount namespace where that file is
     /etc/hosts and the host's resolver reads files only: names resolve on "the host",
@@ -340,8 +361,9 @@ def test_docker_host_names_are_pinned_and_bad_lists_refused(
     hosts.write_text(f"127.0.0.1 localhost\n{a} svc-a.test\n{b} svc-b.test\n")
     name = f"egress-{uuid.uuid4().hex[:6]}"
     try:
-        r = aiva_cli("start", name, "--memory", "256MB", "--network",
-                     "allow=svc-a.test:8000", hosts=hosts)
+        with no_disk_limit():
+            r = aiva_cli("start", name, "--memory", "256MB", "--network",
+                         "allow=svc-a.test:8000", hosts=hosts)
         assert r.returncode == 0, r.stderr
         sb = engine.get(name)
         assert sb.spec.network == "allow=svc-a.test:8000"

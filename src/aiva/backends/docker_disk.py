@@ -199,8 +199,20 @@ def remove(sandbox_id: str) -> None:
 
 
 def _mount(img: Path, mnt: Path) -> None:
+    """Mount the image, and make sure the Docker engine sees that mount: were aiva in a
+    mount namespace of its own, the container would bind the empty directory beneath,
+    and write to the host's disk with no limit."""
+    from aiva.runmount import docker_sees
+
     _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(img), str(mnt)],
          "mount the disk image")
+    if not docker_sees(mnt):
+        _umount(mnt)
+        raise BackendError(
+            "the Docker engine cannot see the disk aiva mounted for the sandbox (aiva runs "
+            "in a mount namespace of its own)",
+            hint="run aiva in the engine's mount namespace, or set `defaults: "
+                 "{enforce_docker_disk: false}` in config.yaml (then --disk is not enforced)")
 
 
 def _run(cmd: list[str], what: str) -> None:
