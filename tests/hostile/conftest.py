@@ -10,21 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hostile_kit import FakeAgents, HostileBackend, fresh_connection, ha, set_call_timeout
+from hostile_kit import (
+    FakeAgents,
+    HostileBackend,
+    fresh_connection,
+    ha,
+    hostile_config,
+    set_call_timeout,
+)
 
-from aiva.config import load_config
 from aiva.engine import Engine
-
-
-def hostile_config() -> Any:
-    """The test home's config with the contract's short call deadline, if it has one."""
-    cfg = load_config()
-    if "limits" in type(cfg).model_fields:
-        short: dict[str, Any] = {"call_timeout": 2.0}
-        if "walk_entries" in type(cfg.limits).model_fields:  # an endless walk stops sooner
-            short["walk_entries"] = 100_000
-        cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update=short)})
-    return cfg
 
 
 @dataclass

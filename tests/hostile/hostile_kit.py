@@ -474,3 +474,16 @@ def set_call_timeout(monkeypatch: Any, seconds: float = CALL_TIMEOUT) -> None:
     """The contract's in-process knobs: every agent call's deadline, exec's grace."""
     monkeypatch.setattr(agent_client, "DEFAULT_CALL_TIMEOUT", seconds, raising=False)
     monkeypatch.setattr(agent_client, "TIMEOUT_GRACE", 1.0, raising=False)
+
+
+def hostile_config() -> Any:
+    """The test home's config with the contract's short call deadline, if it has one."""
+    from aiva.config import load_config
+
+    cfg = load_config()
+    if "limits" in type(cfg).model_fields:
+        short: dict[str, Any] = {"call_timeout": 2.0}
+        if "walk_entries" in type(cfg.limits).model_fields:  # an endless walk stops sooner
+            short["walk_entries"] = 100_000
+        cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update=short)})
+    return cfg

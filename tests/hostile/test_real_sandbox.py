@@ -193,9 +193,10 @@ def test_sdk_sync_in_a_new_process_engine_stays_inside(shadowed: Shadowed,
                                                        tmp_path: Path) -> None:
     """A new Engine connects afresh (as any new CLI or SDK process does): Sandbox.sync
     then meets the hostile agent in-process."""
+    from hostile_kit import hostile_config
+
     from aiva.engine import Engine
     from aiva.sdk import Sandbox
-    from conftest import hostile_config
 
     area = Area.make(tmp_path / "area")
     shadowed.play(ha.script({"fs.walk": ha.walk_reply(area.escapes(), mode=0o6777),
