@@ -362,3 +362,22 @@ def test_a_socket_served_from_outside_the_container_is_refused(make_sandbox: Any
     sb.start()
     assert sb.commands.run(["echo", "back"]).stdout == "back\n"
     assert host.received == b""
+
+
+def test_what_a_sandbox_writes_to_the_container_log_is_bounded(make_sandbox: Any,
+                                                                docker_ok: Any) -> None:
+    """Root in the sandbox can write to its first process's stdout (Docker's log of the
+    container): 60 MB there leave at most two 8 MB files on the host."""
+    sb = make_sandbox()
+    c = docker_ok.containers.get(sb._info.runtime["container_id"])
+    assert c.attrs["HostConfig"]["LogConfig"] == {
+        "Type": "json-file", "Config": {"max-size": "8m", "max-file": "2"}}
+    res = sb.commands.run("head -c 60000000 /dev/zero | tr '\\0' 'a' | fold -w 1000 "
+                          "> /proc/1/fd/1", timeout=300)
+    assert res.exit_code == 0, res.stderr
+    log_dir = Path(c.attrs["LogPath"]).parent
+    files = [p for p in log_dir.iterdir() if p.name.startswith(c.id + "-json.log")]
+    total = sum(p.stat().st_size for p in files)
+    assert files and total <= 2 * (8 << 20) + (1 << 20), (files, total)
+    # the flood did reach the log and rotate it: the cap is what held it
+    assert len(files) == 2 and total >= 8_000_000

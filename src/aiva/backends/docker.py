@@ -63,6 +63,9 @@ _ID12 = re.compile(r"[0-9a-f-]{12}")  # run dirs are named by the id's first 12
 #: raises a process's privileges (root stays root; a user cannot become root via sudo).
 HARDENING: dict[str, Any] = {"cap_drop": ["MKNOD", "NET_RAW"],
                              "security_opt": ["no-new-privileges"]}
+#: Docker keeps what the container's first process prints, and a sandbox can write there
+#: (root opens /proc/1/fd/1): at most two 8 MB files of it, never the host's whole disk.
+LOG_LIMIT = {"type": "json-file", "config": {"max-size": "8m", "max-file": "2"}}
 
 #: The Docker runtime scripts/setup.sh registers for ``--runtime gvisor``: runsc with the
 #: flags these hosts need (its own name, so a user's ``runsc`` entry is never touched).
@@ -384,6 +387,7 @@ class DockerBackend(Backend):
                          in egress.hosts_lines(sb.runtime.get("egress"))] or None,
             stop_signal="SIGTERM",
             **HARDENING,
+            log_config=docker.types.LogConfig(**LOG_LIMIT),
             runtime=GVISOR_RUNTIME if spec.runtime == "gvisor" else None,
         )
 
