@@ -225,9 +225,7 @@ class Engine:
                 runtime=runtime,
             )
         except ValidationError as exc:  # a bad value the user gave: one clear line
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise InvalidValue(f"{key}: {err['msg'].removeprefix('Value error, ')}") from None
+            raise _one_line(exc) from None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -473,9 +471,7 @@ class Engine:
         try:
             return SandboxSpec.model_validate(spec.model_copy(update=update).model_dump())
         except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise InvalidValue(f"{key}: {err['msg'].removeprefix('Value error, ')}") from None
+            raise _one_line(exc) from None
 
     def get(self, name: str) -> SandboxInfo:
         return self.store.get(name)
@@ -828,6 +824,13 @@ class Engine:
                 log.close()
             self._cmdlogs.clear()
         self.store.close()
+
+
+def _one_line(exc: ValidationError) -> InvalidValue:
+    """A spec's first bad value as one line naming its key."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    return InvalidValue(f"{key}: {err['msg'].removeprefix('Value error, ')}")
 
 
 def _image_ref(ref: str) -> str:
