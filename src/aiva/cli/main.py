@@ -251,7 +251,8 @@ def stop(
     force: Annotated[bool, typer.Option("--force", "-f", help="kill at once")] = False,
 ) -> None:
     """Stop a sandbox (gracefully, or at once with --force). Its data is kept."""
-    _engine().stop(name, force=force)
+    with output.status(f"stopping {name} ..."):
+        _engine().stop(name, force=force)
     output.ok(f"{name} stopped")
 
 
@@ -304,7 +305,8 @@ def rm(
         if _remove_kept(name):
             return
         raise SandboxNotFound(name)
-    engine.delete(name, volumes=volumes)
+    with output.status(f"removing {name} ..."):
+        engine.delete(name, volumes=volumes)
     output.ok(f"{name} removed" + ("" if volumes else " (its data is kept: `aiva volume rm "
                                    f"{name}` or `aiva rm {name} --volumes` removes it)"))
 
