@@ -34,7 +34,7 @@ import docker  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from aiva.derive import derive  # noqa: E402
+from aiva.images.derive import derive  # noqa: E402
 from common import fmt, ratio  # noqa: E402
 
 IMAGE = "aiva-test/mcp-servers:latest"

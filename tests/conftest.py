@@ -75,7 +75,7 @@ def gvisor_ok(docker_ok: Any, python_image: str) -> None:
 @pytest.fixture(scope="session")
 def python_image(docker_ok: Any) -> str:
     """The aiva/python image, built once (scripts/setup.sh normally has it ready)."""
-    from aiva import images
+    from aiva.images import build as images
 
     return images.build_image("python", client=docker_ok).tag
 
@@ -84,7 +84,7 @@ def python_image(docker_ok: Any) -> str:
 def desktop_image(docker_ok: Any) -> str:
     """The aiva/desktop image (XFCE, noVNC, ffmpeg ...): about 3 minutes to build the
     first time on this machine, then cached like the others."""
-    from aiva import images
+    from aiva.images import build as images
 
     return images.build_image("desktop", client=docker_ok).tag
 
@@ -141,7 +141,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if mounted:
         print(f"\nLEAK: tests left disks mounted {[str(m) for m in mounted]} (now unmounted)")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    from aiva import runmount
+    from aiva.guard import runmount
 
     for mount in runmount.mounts_under(TEST_HOME / "run"):  # a sandbox's run dir tmpfs
         runmount.release(mount)

@@ -301,7 +301,7 @@ def load_config(path: Path | None = None) -> Config:
 
 def write_default_config(path: Path | None = None) -> Path:
     """Write a commented default config if none exists, so users can see every key."""
-    from aiva.private import write_private  # it builds on this module
+    from aiva.guard.private import write_private  # it builds on this module
 
     path = path or config_path()
     if path.exists():

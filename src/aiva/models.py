@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from aiva.egress import check_network
 from aiva.errors import InvalidTransition, InvalidValue
+from aiva.network.egress import check_network
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
@@ -256,7 +256,7 @@ def resolve_host_dir(path: str) -> str:
 
 class ServiceSpec(BaseModel):
     """A deployed program (``aiva deploy``): started after every boot, and restarted by the
-    daemon under the sandbox's restart policy when it exits (aiva.services)."""
+    daemon under the sandbox's restart policy when it exits (aiva.deploy.services)."""
 
     model_config = ConfigDict(extra="forbid")
     command: list[str] = Field(min_length=1)
@@ -281,7 +281,7 @@ class SandboxSpec(BaseModel):
     mounts: list[MountSpec] = Field(default_factory=list)  # host directories (--mount)
     labels: dict[str, str] = Field(default_factory=dict)
     workdir: str = "/workspace"
-    # nat, none, or allow=HOST[,HOST...] (aiva.egress): stored normalized
+    # nat, none, or allow=HOST[,HOST...] (aiva.network.egress): stored normalized
     network: Annotated[str, AfterValidator(check_network)] = "nat"
     desktop: bool = False  # a screen to watch: noVNC published on 127.0.0.1 (aiva.desktop)
     service: ServiceSpec | None = None  # a deployed program (aiva deploy)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from aiva.config import aiva_home
-from aiva.private import ensure_home
+from aiva.guard.private import ensure_home
 
 AGENT_FILES = ("__main__.py", "protocol.py", "server.py")
 

@@ -37,7 +37,7 @@ def mcp_tool(box: Any, tool: str, args: dict[str, Any], *, grant: Path | None = 
     """One MCP tool call through the official client, in-process, over ``box.engine``."""
     from mcp import Client
 
-    from aiva.mcp.server import build_server
+    from aiva.mcp.serve import build_server
 
     kw: dict[str, Any] = {}
     params = inspect.signature(build_server).parameters

@@ -15,7 +15,7 @@ import pytest
 from hostile_kit import Area, MemoryGuard, bounded
 from surfaces import daemon_json
 
-from aiva.logquery import query_logs
+from aiva.observe.logquery import query_logs
 
 SECRET = "HOST-SECRET-7f3a"
 

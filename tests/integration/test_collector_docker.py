@@ -11,8 +11,8 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from aiva import collector, prometheus
 from aiva.cli import observe_cmd
+from aiva.observe import collector, prometheus
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(180)]
 MiB = 1 << 20

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from aiva import spec_rules
-from aiva.daemon import server, wire
+from aiva.daemon import control, wire
+from aiva.engine import spec_rules
 
 pytestmark = pytest.mark.docker
 
@@ -244,7 +244,7 @@ def daemon_home(docker_ok: Any, root: tuple[Path, Path, Path],
     try:
         yield top, home
     finally:
-        server.stop()
+        control.stop()
     log = wire.log_path().read_text(errors="replace")
     assert "Traceback" not in log, log
 
@@ -252,7 +252,7 @@ def daemon_home(docker_ok: Any, root: tuple[Path, Path, Path],
 def test_daemon_mcp_checks_names_and_grants(daemon_home: tuple[Path, Path],
                                             tmp_path: Path) -> None:
     top, home = daemon_home
-    server.start(timeout=60)
+    control.start(timeout=60)
     before = _tree(top)
 
     async def ungranted() -> None:
@@ -266,7 +266,7 @@ def test_daemon_mcp_checks_names_and_grants(daemon_home: tuple[Path, Path],
 
     asyncio.run(ungranted())
     assert _tree(top) == before
-    server.stop()
+    control.stop()
 
     by_flag, by_config = top / "g1", top / "g2"
     by_flag.mkdir()

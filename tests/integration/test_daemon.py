@@ -25,10 +25,10 @@ import pytest
 
 from aiva import errors
 from aiva.agent_client import ExecResult, ProcessHandle
-from aiva.daemon import server, wire
+from aiva.daemon import control, wire
 from aiva.daemon.client import RemoteEngine, connect, daemon_running
-from aiva.metrics import SandboxMetrics
 from aiva.models import State
+from aiva.observe.metrics import SandboxMetrics
 
 pytestmark = pytest.mark.docker
 
@@ -47,7 +47,7 @@ class Daemon:
         self.pids: list[int] = []
 
     def start(self) -> int:
-        info = server.start(self.port, timeout=60)
+        info = control.start(self.port, timeout=60)
         assert info["running"] and info["port"] == self.port
         self.pids.append(int(info["pid"]))
         return self.pids[-1]
@@ -59,18 +59,18 @@ class Daemon:
     def kill(self) -> None:
         os.kill(self.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while server.is_daemon(self.pid) and time.monotonic() < deadline:
+        while control.is_daemon(self.pid) and time.monotonic() < deadline:
             try:
                 os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
                 pass
             time.sleep(0.02)
-        assert not server.is_daemon(self.pid)
+        assert not control.is_daemon(self.pid)
 
     def stop_all(self) -> None:
-        server.stop()
+        control.stop()
         for pid in self.pids:
-            if server.is_daemon(pid):
+            if control.is_daemon(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -304,7 +304,7 @@ def test_sandboxes_survive_a_killed_daemon(daemon: Daemon, remote: RemoteEngine,
     starts = [e for e in remote.events() if e.kind == "daemon_started"]
     assert starts[-1].data["pid"] == daemon.pid
     assert starts[-1].data["sandboxes"][name] == "running"
-    status = server.status()
+    status = control.status()
     assert status["running"] and status["pid"] == daemon.pid and status["sandboxes"] >= 1
     remote.delete(name, volumes=True)
 
@@ -314,7 +314,7 @@ def test_prometheus_and_the_sampler(daemon: Daemon, remote: RemoteEngine,
     """/metrics speaks Prometheus; the daemon's sampler stores metrics history."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from aiva.collector import Collector
+    from aiva.observe.collector import Collector
 
     name = _new(remote, boxes)
     sb = remote.get(name)

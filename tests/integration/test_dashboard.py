@@ -26,7 +26,7 @@ import pytest
 from browser import artifacts_dir, needs_chromium, screenshot
 
 from aiva import errors
-from aiva.daemon import server, wire
+from aiva.daemon import control, wire
 from aiva.daemon.client import RemoteEngine, connect
 from aiva.models import State
 
@@ -69,14 +69,14 @@ class Daemon:
 @pytest.fixture(scope="module")
 def daemon(python_image: str) -> Iterator[Daemon]:
     port = _free_port()
-    info = server.start(port, timeout=60)
+    info = control.start(port, timeout=60)
     pid = int(info["pid"])
     try:
         assert info["running"] and info["port"] == port
         yield Daemon(port, pid, wire.token_path().read_text().strip())
     finally:
-        server.stop()
-        if server.is_daemon(pid):
+        control.stop()
+        if control.is_daemon(pid):
             os.kill(pid, signal.SIGKILL)
     log = wire.log_path().read_text(errors="replace")
     assert "Traceback" not in log, log

@@ -15,9 +15,10 @@ from typing import Any, TypeVar, cast
 
 import pytest
 
-from aiva import errors, lifetimes
-from aiva.deploy import deploy
+from aiva import errors
+from aiva.deploy.push import deploy
 from aiva.desktop import published_port
+from aiva.engine import lifetimes
 
 pytestmark = pytest.mark.docker
 T = TypeVar("T")
@@ -55,9 +56,9 @@ def get(port: int) -> str | None:
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
-    (tmp_path / "server.py").write_text(SERVER)
+    (tmp_path / "control.py").write_text(SERVER)
     (tmp_path / "message.txt").write_text("hello one")
-    (tmp_path / "aiva.yaml").write_text("entry: python3 -u server.py\nports: [8000]\n")
+    (tmp_path / "aiva.yaml").write_text("entry: python3 -u control.py\nports: [8000]\n")
     return tmp_path
 
 
@@ -140,13 +141,13 @@ def test_the_daemon_keeps_a_deployed_program_running(engine: Any, python_image: 
     import signal
     import socket
 
-    from aiva.daemon import server
+    from aiva.daemon import control
     from aiva.daemon.client import connect
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    pid = int(server.start(port, timeout=60)["pid"])
+    pid = int(control.start(port, timeout=60)["pid"])
     try:
         with connect() as remote:
             sb = deploy(cast(Any, remote), name, str(app_dir))
@@ -161,6 +162,6 @@ def test_the_daemon_keeps_a_deployed_program_running(engine: Any, python_image: 
             assert wait_for("the restarted service", lambda: get(host_port)).endswith(
                 f"pid={new}")
     finally:
-        server.stop()
-        if server.is_daemon(pid):
+        control.stop()
+        if control.is_daemon(pid):
             os.kill(pid, signal.SIGKILL)

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from aiva import derive, errors, images
+from aiva import errors
+from aiva.images import build as images
+from aiva.images import derive
 
 pytestmark = pytest.mark.docker
 

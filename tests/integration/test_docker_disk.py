@@ -175,7 +175,7 @@ def test_rm_detaches_the_loop_and_keeps_or_removes_the_image(make_sandbox: Any,
 
 
 def test_orphan_disks_of_this_home_are_unmounted(engine: Any) -> None:
-    from aiva import lifetimes
+    from aiva.engine import lifetimes
 
     sid = "0123abcd-0000-4000-8000-00000000d15c"
     try:
@@ -247,7 +247,7 @@ def test_after_a_reboot_the_daemon_loop_mounts_the_disk_again(
     brings the sandbox back on its own disk, data and all."""
     import time
 
-    from aiva import lifetimes
+    from aiva.engine import lifetimes
     from aiva.models import State
 
     name = make_sandbox(disk="100MB").name

@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from aiva import paths, runmount
-from aiva.logs import read_command_log
+from aiva import paths
+from aiva.guard import runmount
+from aiva.observe.logs import read_command_log
 
 pytestmark = pytest.mark.docker
 
@@ -310,8 +311,8 @@ def test_a_fresh_home_keeps_everything_private(python_image: str, docker_ok: Any
 def test_orphan_run_dirs_of_this_home_are_reaped_and_nothing_else(
         make_sandbox: Any, engine: Any, monkeypatch: pytest.MonkeyPatch, hostdir: Path
         ) -> None:
-    from aiva import lifetimes
     from aiva.backends import docker as docker_backend
+    from aiva.engine import lifetimes
 
     live = make_sandbox()
     live_run = paths.run_dir(live.id)

@@ -203,7 +203,7 @@ def test_large_file_roundtrip_and_errors(make_sandbox: Any, tmp_path: Path) -> N
 
 
 def test_image_without_python_is_refused_clearly(engine: Any, docker_ok: Any) -> None:
-    from aiva import images
+    from aiva.images import build as images
     from aiva.sdk import Sandbox
 
     tag = images.build_test_image_without_python(docker_ok)

@@ -31,9 +31,10 @@ from typing import Any
 
 import pytest
 
-from aiva import egress, lifetimes
 from aiva.config import Networking
-from aiva.vm import network
+from aiva.engine import lifetimes
+from aiva.network import egress
+from aiva.network import vm_bridge as network
 
 pytestmark = pytest.mark.docker
 

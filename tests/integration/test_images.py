@@ -16,9 +16,9 @@ import docker
 import docker.errors
 import pytest
 
-from aiva import images
 from aiva.errors import BackendUnavailable, ImageError, ImageNotFound, ImageUnsupported
-from aiva.images import (
+from aiva.images import build as images
+from aiva.images.build import (
     NOPYTHON_TAG,
     ImageInfo,
     build_image,

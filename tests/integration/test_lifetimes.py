@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from aiva import lifetimes
 from aiva.config import aiva_home
+from aiva.engine import lifetimes
 from aiva.models import State
 
 pytestmark = pytest.mark.docker

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from aiva.derive import derive
+from aiva.images.derive import derive
 from aiva.mcp.audit import KIND
 from aiva.sdk import Sandbox
 

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from aiva.daemon import server, wire
+from aiva.daemon import control, wire
 
 pytestmark = pytest.mark.docker
 
@@ -306,13 +306,13 @@ def daemon_port(python_image: str) -> Iterator[int]:
     port = _free_port()
     pids: list[int] = []
     try:
-        info = server.start(port, timeout=60)
+        info = control.start(port, timeout=60)
         pids.append(int(info["pid"]))
         yield port
     finally:
-        server.stop()
+        control.stop()
         for pid in pids:
-            if server.is_daemon(pid):
+            if control.is_daemon(pid):
                 os.kill(pid, signal.SIGKILL)
     log = wire.log_path().read_text(errors="replace")
     assert "Traceback" not in log, log

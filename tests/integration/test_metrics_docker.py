@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from aiva.metrics import docker_metrics
+from aiva.observe.metrics import docker_metrics
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
 MiB = 1 << 20

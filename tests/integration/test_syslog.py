@@ -16,7 +16,7 @@ import pytest
 
 from aiva import paths
 from aiva.backends.base import LogLine
-from aiva.collector import query_logs
+from aiva.observe.collector import query_logs
 
 pytestmark = pytest.mark.docker
 

@@ -403,7 +403,7 @@ def _free_port() -> int:
 
 
 def test_the_daemon_runs_a_task_added_with_the_cli(engine: Any, tmp_path: Path) -> None:
-    from aiva.daemon import server
+    from aiva.daemon import control
 
     ws = tmp_path / "ws"
     ws.mkdir()
@@ -412,7 +412,7 @@ def test_the_daemon_runs_a_task_added_with_the_cli(engine: Any, tmp_path: Path) 
     store = TaskStore()
     pids: list[int] = []
     try:
-        info = server.start(_free_port(), timeout=60)
+        info = control.start(_free_port(), timeout=60)
         pids.append(int(info["pid"]))
         r = subprocess.run([*AIVA, "task", "add", "--workspace", str(ws), "--gate",
                             "grep -q 22 n.txt", "--", "/bin/sh", "-c",
@@ -433,9 +433,9 @@ def test_the_daemon_runs_a_task_added_with_the_cli(engine: Any, tmp_path: Path) 
             pool.drain(TEMPLATE)  # the daemon keeps it warm no more
         except Exception as exc:
             print(f"drain failed: {exc}")
-        server.stop()
+        control.stop()
         for pid in pids:
-            if server.is_daemon(pid):
+            if control.is_daemon(pid):
                 os.kill(pid, 9)
         clean_up(engine, store, pool)
         pool.close()

@@ -28,7 +28,7 @@ import pytest
 from aiva.config import Networking
 from aiva.errors import BackendError, BackendUnavailable, InvalidValue
 from aiva.models import PortSpec
-from aiva.vm import network
+from aiva.network import vm_bridge as network
 
 pytestmark = pytest.mark.vm
 _count = iter(range(10**6))
@@ -277,7 +277,7 @@ def test_guest_traffic_and_port_forward(lab: Lab) -> None:
 _SETUP = """
 import json, sys, time
 from aiva.config import Networking
-from aiva.vm import network
+from aiva.network import vm_bridge as network
 cfg = Networking(**json.loads(sys.argv[1]))
 while time.time() < float(sys.argv[2]):
     time.sleep(0.001)

@@ -25,10 +25,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiva import agent_replies as replies
-from aiva import sync
 from aiva.agent import protocol as p
-from aiva.agent_client import AgentClient, ProcessTransport
+from aiva.agent_client import AgentClient, ProcessTransport, replies, sync
 from aiva.errors import AgentUnreachable, AivaError, CommandTimeout, ProtocolError
 
 K = p.FrameKind

@@ -348,7 +348,7 @@ def daemon_on(client: AgentClient, sock: str) -> Iterator[httpx.Client]:
     import uvicorn
 
     from aiva.daemon.app import Gate, create_app
-    from aiva.daemon.server import _Server
+    from aiva.daemon.control import _Server
     from aiva.engine import Engine
     from aiva.models import State
 

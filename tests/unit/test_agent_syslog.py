@@ -406,7 +406,7 @@ class _Engine:
 
 def test_query_logs_has_a_syslog_source(monkeypatch: pytest.MonkeyPatch,
                                         tmp_path: Path) -> None:
-    from aiva import collector, logquery
+    from aiva.observe import collector, logquery
 
     monkeypatch.setenv("AIVA_HOME", str(tmp_path))
     t0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

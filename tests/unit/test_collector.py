@@ -21,14 +21,14 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from aiva import collector, prometheus
 from aiva.backends.base import LogLine
 from aiva.cli import observe_cmd, observe_output
-from aiva.collector import Collector, Price
+from aiva.engine.store import Store
 from aiva.errors import AivaError, InvalidValue, SandboxNotFound
-from aiva.metrics import SandboxMetrics
 from aiva.models import Event, SandboxInfo, SandboxSpec, State
-from aiva.store import Store
+from aiva.observe import collector, prometheus
+from aiva.observe.collector import Collector, Price
+from aiva.observe.metrics import SandboxMetrics
 
 GiB = 1 << 30
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

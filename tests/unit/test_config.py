@@ -107,7 +107,7 @@ def test_aiva_home_moves_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_cost_and_collector_sections() -> None:
     from pydantic import ValidationError
 
-    from aiva.collector import Price, price_for
+    from aiva.observe.collector import Price, price_for
 
     cfg = Config.model_validate(
         {"cost": {"digitalocean": {"cpu_hour": 0.009, "gb_hour": 0.0045}}})

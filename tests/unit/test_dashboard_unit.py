@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from aiva.cli import dashboard_cmd
-from aiva.daemon import observe, server, wire
+from aiva.daemon import control, wire
 from aiva.daemon.app import Gate, create_app
+from aiva.daemon.routes import observe
 from aiva.engine import Engine
 from aiva.errors import AivaError
 from aiva.models import Event, PortSpec, SandboxInfo, SandboxSpec, State
@@ -130,7 +131,7 @@ def test_uptime_and_ports_of_a_row() -> None:
 
 def test_dashboard_url_and_its_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     status: dict[str, Any] = {"running": False, "pid": None}
-    monkeypatch.setattr(server, "status", lambda: status)
+    monkeypatch.setattr(control, "status", lambda: status)
     with pytest.raises(AivaError) as exc:
         dashboard_cmd.dashboard_url()
     assert "no aiva daemon is running" in exc.value.message

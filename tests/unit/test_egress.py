@@ -13,11 +13,11 @@ import subprocess
 import pytest
 from pydantic import ValidationError
 
-from aiva import egress
 from aiva.engine import Engine
 from aiva.errors import InvalidValue
 from aiva.models import SandboxSpec
-from aiva.vm import network
+from aiva.network import egress
+from aiva.network import vm_bridge as network
 
 SPEC = {"image": "aiva/python:latest", "cpus": 1, "memory": 1 << 29, "disk": 1 << 30}
 

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from aiva.config import Config
 from aiva.errors import BackendError, BackendUnavailable, InvalidValue
-from aiva.vm.firecracker import (
+from aiva.vm.firecracker_api import (
     FirecrackerAPI,
     JailerConfig,
     chroot_path,

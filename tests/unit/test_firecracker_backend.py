@@ -43,7 +43,7 @@ from aiva.config import aiva_home
 from aiva.errors import AgentUnreachable, BackendError, BackendUnavailable
 from aiva.models import SandboxInfo, SandboxSpec, State
 from aiva.vm import artifacts, vmlinux
-from aiva.vm import firecracker as fcvm
+from aiva.vm import firecracker_api as fcvm
 
 MIB = 1 << 20
 

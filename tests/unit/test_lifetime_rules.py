@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from aiva import lifetimes
+from aiva.engine import lifetimes
 from aiva.errors import InvalidValue
 from aiva.models import SandboxInfo, SandboxSpec, State
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aiva.logs import merge, read_jsonl
+from aiva.observe.logs import merge, read_jsonl
 
 
 def _write(path: Path, n: int) -> None:

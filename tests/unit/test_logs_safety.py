@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from aiva import logs
-from aiva.logs import CommandLog, _Follower, read_jsonl, read_tail_bytes
+from aiva.observe import logs
+from aiva.observe.logs import CommandLog, _Follower, read_jsonl, read_tail_bytes
 
 
 def rec(text: str, t: float | None = None) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from aiva.agent_client import ExecResult
+from aiva.agent_client.sync import SyncReport
 from aiva.backends.base import LogLine
 from aiva.daemon.client import RemoteEngine
 from aiva.engine import Engine
@@ -24,9 +25,8 @@ from aiva.mcp.limits import Limits
 from aiva.mcp.scope import LABEL as SESSION_LABEL
 from aiva.mcp.scope import Scope
 from aiva.models import PortSpec, SandboxInfo, SandboxSpec, State
-from aiva.sync import SyncReport
 
-SERVER = Path(__file__).resolve().parents[2] / "src" / "aiva" / "mcp" / "server.py"
+SERVER = Path(__file__).resolve().parents[2] / "src" / "aiva" / "mcp" / "serve.py"
 
 
 class FakeEngine:
@@ -82,7 +82,7 @@ def _run(engine: FakeEngine, limits: Limits, steps: Any, grants: Grants | None =
     to the client's session (as if it had made it) unless ``scope`` is given."""
     from mcp import Client
 
-    from aiva.mcp.server import build_server
+    from aiva.mcp.serve import build_server
 
     if scope is None:
         scope = Scope()
@@ -313,7 +313,7 @@ def test_sandbox_create_checks_the_name_and_returns_the_warnings() -> None:
 
 def test_hints_name_tools_and_bad_arguments_are_one_line() -> None:
     from aiva.errors import SandboxFileNotFound
-    from aiva.mcp.server import agent_hint
+    from aiva.mcp.serve import agent_hint
 
     assert agent_hint("remove it with `aiva rm mcpbox --volumes`") == \
         "remove it with the sandbox_destroy tool (sandbox mcpbox)"

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 import aiva.agent
-from aiva import metrics
 from aiva.agent_client import AgentClient, ProcessTransport
 from aiva.errors import BackendError
-from aiva.metrics import (
+from aiva.observe import metrics
+from aiva.observe.metrics import (
     SandboxMetrics,
     docker_from_stats,
     guest_cpu_percent,

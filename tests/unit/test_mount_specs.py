@@ -148,8 +148,8 @@ def test_remote_build_spec_resolves_paths_on_the_caller_side(
 def test_qemu_command_line_and_kernel_args(d: Path, tmp_path: Path) -> None:
     from aiva.backends.qemu import _qemu_argv
     from aiva.models import SandboxInfo
+    from aiva.network.vm_bridge import VmNetwork
     from aiva.vm import hostfs
-    from aiva.vm.network import VmNetwork
 
     mounts = [MountSpec.parse(f"{d}:/a/b/c"), MountSpec.parse(f"{d}:/a:ro")]
     assert hostfs.kernel_args(mounts) == ["aiva.mount=1:/a:ro", "aiva.mount=0:/a/b/c:rw"]

@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 
 import aiva.agent
-from aiva import plugins
 from aiva.agent_client import ExecResult, ProcessTransport, Transport
 from aiva.backends.base import Backend, LogLine, Observed
-from aiva.builtin_plugins import events_path
 from aiva.config import Config
 from aiva.engine import Engine
+from aiva.engine.store import Store
 from aiva.models import Event, SandboxInfo, SandboxSpec, State
+from aiva.plugins import manager as plugins
+from aiva.plugins.builtin import events_path
 from aiva.plugins import call_hook, get_plugin_manager, hookimpl, list_plugins
-from aiva.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "tests" / "data" / "example_plugin"

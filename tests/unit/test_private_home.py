@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from aiva import peer, private, runmount
 from aiva.errors import ProtocolError
+from aiva.guard import peer, private, runmount
 
 
 def mode(p: Path) -> int:
@@ -33,7 +33,7 @@ def test_a_new_home_is_private_whatever_the_umask(home: Path) -> None:
     old = os.umask(0o002)  # a permissive umask must not matter
     try:
         private.ensure_home()
-        from aiva.store import Store
+        from aiva.engine.store import Store
 
         store = Store(home / "state.db")
         store.close()
@@ -204,7 +204,7 @@ def test_a_mount_the_docker_engine_cannot_see_is_not_used(tmp_path: Path) -> Non
     the run dir stays a plain directory, with a warning."""
     run = tmp_path / "run" / "0123456789ab"
     code = ("import logging, sys; logging.basicConfig(); from pathlib import Path; "
-            "from aiva import runmount; "
+            "from aiva.guard import runmount; "
             "print(runmount.ensure(Path(sys.argv[1])), runmount.is_private_mount("
             "Path(sys.argv[1])))")
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,

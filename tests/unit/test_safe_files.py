@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aiva.errors import HostFileError, ProtocolError
-from aiva.safe_files import (
+from aiva.guard.files import (
     MAX_DEPTH,
     MAX_NAME,
     MAX_PATH,

@@ -1,5 +1,5 @@
 """Limits a host cannot honour are errors, defaults are cut to the host, and settings that
-give something away are named (aiva.spec_rules), wherever a spec is made or changed."""
+give something away are named (aiva.engine.spec_rules), wherever a spec is made or changed."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from aiva import spec_rules
 from aiva.config import Config, Profile
-from aiva.engine import Engine
+from aiva.engine import Engine, spec_rules
 from aiva.errors import InvalidValue
 from aiva.models import MountSpec, PortSpec, SandboxInfo, SandboxSpec
 

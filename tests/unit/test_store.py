@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from aiva.engine.store import Store
 from aiva.errors import InvalidTransition, SandboxExists, SandboxNotFound
 from aiva.models import SandboxInfo, SandboxSpec, State
-from aiva.store import Store
 
 
 def _spec() -> SandboxSpec:

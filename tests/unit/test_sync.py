@@ -16,8 +16,8 @@ import pytest
 
 import aiva.agent
 from aiva.agent_client import AgentClient, ProcessTransport
+from aiva.agent_client.sync import pull, push, sync
 from aiva.errors import SyncError
-from aiva.sync import pull, push, sync
 
 T0 = 1_700_000_000 * 10**9  # a fixed base mtime: tests never depend on clock resolution
 

@@ -18,8 +18,8 @@ import pytest
 import aiva
 import aiva.agent
 from aiva.agent_client import AgentClient, ProcessTransport
+from aiva.agent_client.sync import pull, pull_file, push, sync
 from aiva.errors import AivaError, HostFileError, ProtocolError, SyncError
-from aiva.sync import pull, pull_file, push, sync
 
 LIAR = Path(__file__).with_name("lying_agent.py")
 ROOT = "/r"

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from aiva.config import Config, TaskSettings
+from aiva.engine.store import Store
 from aiva.errors import InvalidValue
 from aiva.models import Event
-from aiva.store import Store
 from aiva.tasks import evaluator
 from aiva.tasks.budget import Budget
 from aiva.tasks.models import Priority, Task, TaskNotFound, TaskState, TaskStateError

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from aiva.agent_client import Transport
-from aiva.metrics import SandboxMetrics
 from aiva.models import SandboxInfo, State
+from aiva.observe.metrics import SandboxMetrics
 
 
 @dataclass
@@ -85,9 +85,9 @@ class Backend(ABC):
     def guest_syslog(self, sb: SandboxInfo, *, tail: int | None = None) -> list[LogLine]:
         """The guest's syslog so far (the last ``tail`` lines), rotated part included;
         every line's source is "syslog", whatever the guest wrote into the file. The guest
-        may put anything in its place: read through :func:`aiva.logs.read_jsonl` (no link
+        may put anything in its place: read through :func:`aiva.observe.logs.read_jsonl` (no link
         followed, no FIFO waited on, only a regular file, at most ``limits.log_read``)."""
-        from aiva.logs import read_jsonl  # aiva.logs imports this module
+        from aiva.observe.logs import read_jsonl  # aiva.observe.logs imports this module
 
         def last(path: Path, n: int | None) -> list[LogLine]:
             # one more: the last line may be half written (the guest is still at it)

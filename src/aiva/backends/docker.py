@@ -12,9 +12,9 @@ across stop/start. (Sandboxes made before, or with ``enforce_docker_disk: false`
 a writable root and a named volume at the workdir instead: both still work.)
 
 The sandbox is hostile (docs/SECURITY.md): its run dir is a nosuid,nodev,noexec tmpfs of
-its own (``aiva.runmount``), its container runs without CAP_MKNOD and CAP_NET_RAW and with
+its own (``aiva.guard.runmount``), its container runs without CAP_MKNOD and CAP_NET_RAW and with
 ``no-new-privileges``, and a connection to its agent socket is used only if the process
-listening there is in its container (``aiva.peer``).
+listening there is in its container (``aiva.guard.peer``).
 
 Everything aiva creates carries ``aiva.managed=true`` and ``aiva.sandbox_id``; aiva never
 touches a container or volume without them.
@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiva import egress, images, paths, runmount
+from aiva import paths
 from aiva.agent_client import SocketTransport, Transport, connect_unix
 from aiva.backends import docker_disk
 from aiva.backends.base import Backend, LogLine, Observed
@@ -42,8 +42,11 @@ from aiva.errors import (
     InvalidValue,
     ProtocolError,
 )
-from aiva.metrics import SandboxMetrics, docker_metrics
+from aiva.guard import runmount
+from aiva.images import build as images
 from aiva.models import SandboxInfo, State
+from aiva.network import egress
+from aiva.observe.metrics import SandboxMetrics, docker_metrics
 
 AGENT_IN_SANDBOX = "/.aiva/agent"
 RUN_IN_SANDBOX = "/.aiva/run"
@@ -392,7 +395,7 @@ class DockerBackend(Backend):
         )
 
     def _run_dir(self, sb: SandboxInfo) -> None:
-        """The run dir as its own nosuid,nodev,noexec tmpfs (see aiva.runmount), made if
+        """The run dir as its own nosuid,nodev,noexec tmpfs (see aiva.guard.runmount), made if
         missing: at create, and at every start (a host reboot took it away)."""
         try:
             runmount.ensure(paths.run_dir(sb.id))
@@ -530,7 +533,7 @@ class DockerBackend(Backend):
         return self._checked(sb, connect_unix(path, timeout=timeout, alive=alive))
 
     def _checked(self, sb: SandboxInfo, transport: SocketTransport) -> SocketTransport:
-        from aiva.peer import check_container_peer
+        from aiva.guard.peer import check_container_peer
 
         try:
             check_container_peer(transport.sock, str(sb.runtime.get("container_id") or ""),

@@ -202,7 +202,7 @@ def _mount(img: Path, mnt: Path) -> None:
     """Mount the image, and make sure the Docker engine sees that mount: were aiva in a
     mount namespace of its own, the container would bind the empty directory beneath,
     and write to the host's disk with no limit."""
-    from aiva.runmount import docker_sees
+    from aiva.guard.runmount import docker_sees
 
     _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(img), str(mnt)],
          "mount the disk image")

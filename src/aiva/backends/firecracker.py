@@ -41,7 +41,7 @@ from aiva.backends.supervised import (
 from aiva.config import Config, aiva_home, load_config
 from aiva.errors import AgentError, AivaError, BackendError, BackendUnavailable
 from aiva.models import SandboxInfo, State
-from aiva.vm import firecracker as fcvm
+from aiva.vm import firecracker_api as fcvm
 from aiva.vm.vmlinux import ensure_vmlinux
 
 AGENT_PORT, GUEST_CID = 1024, 3

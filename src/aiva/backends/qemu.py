@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiva import egress, paths, progress
+from aiva import paths, progress
 from aiva.agent_client import AgentClient, connect_unix
 from aiva.backends.base import Observed
 from aiva.backends.supervised import (
@@ -40,9 +40,11 @@ from aiva.backends.supervised import (
 )
 from aiva.config import load_config
 from aiva.errors import AgentError, BackendError, BackendUnavailable, InvalidValue
-from aiva.metrics import SandboxMetrics, qemu_host_metrics
 from aiva.models import SandboxInfo, State
-from aiva.vm import hostfs, network
+from aiva.network import egress
+from aiva.network import vm_bridge as network
+from aiva.observe.metrics import SandboxMetrics, qemu_host_metrics
+from aiva.vm import hostfs
 from aiva.vm.kernel import tcg_kernel_args
 
 QEMU = "qemu-system-x86_64"

@@ -15,8 +15,8 @@ from aiva import paths
 from aiva.agent_client import Transport, connect_unix
 from aiva.backends.base import Backend, LogLine, Observed
 from aiva.config import aiva_home
-from aiva.logs import follow_jsonl, read_jsonl
 from aiva.models import SandboxInfo, State
+from aiva.observe.logs import follow_jsonl, read_jsonl
 
 SOCKET_NAME = "agent.sock"
 #: The guest's syslog on the host, in the run dir. The guest's agent writes it through a

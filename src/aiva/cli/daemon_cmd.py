@@ -34,7 +34,7 @@ def start(
         "(repeat for more; with config mcp.allow_dirs). None by default")] = None,
 ) -> None:
     """Start the daemon (detached) and wait until it answers."""
-    from aiva.daemon import server
+    from aiva.daemon import control
     from aiva.mcp.grants import Grants
 
     dirs = [str(d) for d in Grants.resolve(mcp_allow_dir or []).dirs]  # a bad one: one line
@@ -45,7 +45,7 @@ def start(
              + [arg for d in dirs for arg in ("--mcp-allow-dir", d)])
         return
     with output.status("starting the aiva daemon ..."):
-        info = server.start(port, mcp_allow_dirs=dirs)
+        info = control.start(port, mcp_allow_dirs=dirs)
     where = info["socket"] + (f" and 127.0.0.1:{info['port']}" if info.get("port") else "")
     output.ok(f"aiva daemon running (pid {info['pid']}) on {where}")
 
@@ -59,9 +59,9 @@ def stop(
     """Stop the daemon (SIGTERM, then SIGKILL). The warm pool's idle sandboxes, which
     only the daemon's tasks use, are drained unless --keep-pool; your own sandboxes, and
     pool sandboxes that are busy or kept for you, keep running."""
-    from aiva.daemon import server
+    from aiva.daemon import control
 
-    output.ok("aiva daemon stopped" if server.stop() else "no aiva daemon was running")
+    output.ok("aiva daemon stopped" if control.stop() else "no aiva daemon was running")
     _pool_after_stop(drain=not keep_pool)
 
 
@@ -92,9 +92,9 @@ def _pool_after_stop(*, drain: bool) -> None:
 def status(fmt: Format = output.Fmt.table) -> None:
     """pid, uptime, socket, port, version, the MCP grants and the sandbox count; exits 1
     if not running."""
-    from aiva.daemon import server
+    from aiva.daemon import control
 
-    info = server.status()
+    info = control.status()
     if fmt == output.Fmt.json:
         print(json.dumps(info, indent=2))
     elif fmt == output.Fmt.yaml:

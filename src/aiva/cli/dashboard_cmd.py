@@ -20,9 +20,9 @@ def dashboard_url() -> str:
     with a hint when no daemon listens on TCP."""
     from urllib.parse import quote
 
-    from aiva.daemon import server, wire
+    from aiva.daemon import control, wire
 
-    info = server.status()
+    info = control.status()
     if not info["running"]:
         raise AivaError("no aiva daemon is running", hint=START_HINT)
     port = info.get("port")

@@ -35,7 +35,7 @@ def deploy(
     """
     from aiva.cli.main import _engine, _kv
     from aiva.daemon.client import daemon_running
-    from aiva.deploy import deploy as run_deploy
+    from aiva.deploy.push import deploy as run_deploy
 
     engine = _engine()
     with output.status(f"deploying {source} to {name} ...") as st:

@@ -106,7 +106,7 @@ RuntimeOpt = Annotated[str | None, typer.Option(
 
 def _spec(**kw: Any) -> Any:
     """The spec the options ask for; what it gives away of the host goes to stderr."""
-    from aiva.spec_rules import spec_warnings
+    from aiva.engine.spec_rules import spec_warnings
 
     env = _kv(kw.pop("env"), "an env")
     labels = _kv(kw.pop("label"), "a label")
@@ -263,8 +263,7 @@ def extend(
     = None,
 ) -> None:
     """Push a sandbox's timeout back (and count as activity for its idle timeout)."""
-    from aiva import lifetimes
-    from aiva.engine import Engine
+    from aiva.engine import Engine, lifetimes
 
     engine = Engine()  # the state db directly: a running daemon reads it on its next tick
     try:
@@ -313,8 +312,7 @@ def rm(
 
 def _remove_kept(ref: str) -> bool:
     """Remove the kept data of removed sandbox ``ref`` (name or id); False if none."""
-    from aiva import leftovers
-    from aiva.engine import Engine
+    from aiva.engine import Engine, leftovers
 
     engine = Engine()  # local files and Docker objects: in-process beside any daemon
     try:
@@ -335,8 +333,7 @@ app.add_typer(volume_app, name="volume")
 @volume_app.command("ls")
 def volume_ls(fmt: Format = output.Fmt.table) -> None:
     """Kept disks and volumes of sandboxes that are gone."""
-    from aiva import leftovers
-    from aiva.engine import Engine
+    from aiva.engine import Engine, leftovers
 
     engine = Engine()
     try:
@@ -363,8 +360,7 @@ def prune(
     """Remove everything of this AIVA_HOME no sandbox owns: kept data, snapshot images
     and volumes, networks, orphan containers, VM and run directories. Nothing without
     aiva's labels (or outside AIVA_HOME) is touched."""
-    from aiva import leftovers
-    from aiva.engine import Engine
+    from aiva.engine import Engine, leftovers
 
     engine = Engine()
     try:
@@ -594,7 +590,7 @@ def logs(
 ) -> None:
     """Command output, the engine's log and the guest's syslog, ordered by time."""
     from aiva.backends.base import LogLine
-    from aiva.logquery import line_sources, query_logs
+    from aiva.observe.logquery import line_sources, query_logs
 
     engine = _engine()
     wanted = line_sources(source)  # an unknown source fails here, with the choices
@@ -636,7 +632,7 @@ def config(
 @image_app.command("ls")
 def image_ls(fmt: Format = output.Fmt.table) -> None:
     """Images aiva built."""
-    from aiva import images
+    from aiva.images import build as images
 
     output.image_table(images.list_images(_engine().backend("docker").client), fmt)
 
@@ -654,7 +650,7 @@ def image_derive(
     The build has network access and trusts the host's CA bundle; it is cached by the
     base image and the commands.
     """
-    from aiva import derive
+    from aiva.images import derive
 
     client = _engine().backend("docker").client
     with output.status(f"deriving {tag} from {base} ...") as st:
@@ -678,8 +674,8 @@ def image_build(
     One rootfs tar (mmdebstrap) feeds both: `docker import` makes the container image,
     `mkfs.ext4 -d` the VMs' read-only system image.
     """
-    from aiva import images
     from aiva.errors import BackendUnavailable
+    from aiva.images import build as images
 
     images.check_template(template)  # an unknown one is an error before anything runs
     if not container and not vm:
@@ -758,7 +754,7 @@ def run() -> None:
 def _log_to_file() -> None:
     """aiva's own log goes to AIVA_HOME/aiva.log (queryable with the others); warnings
     still reach the terminal."""
-    from aiva.logquery import log_handler
+    from aiva.observe.logquery import log_handler
 
     log = logging.getLogger("aiva")
     log.setLevel(logging.INFO)

@@ -51,6 +51,6 @@ def serve(
     limits = Limits.from_settings(load_config().mcp, max_output=max_output,
                                   exec_timeout=exec_timeout, max_exec_timeout=max_exec_timeout)
     dirs = [str(d) for d in Grants.resolve(allow_dir or []).dirs]  # a bad one: one line
-    from aiva.mcp.server import serve_stdio  # the MCP SDK: imported only here
+    from aiva.mcp.serve import serve_stdio  # the MCP SDK: imported only here
 
     serve_stdio(limits, dirs, all_sandboxes)

@@ -101,7 +101,7 @@ def audit(
     else:
         _table(rows)
     if follow:
-        from aiva.collector import follow_events
+        from aiva.observe.collector import follow_events
 
         newest = engine.store.events(limit=1)
         after = max((ev.id or 0) for ev in newest + rows[-1:]) if newest or rows else 0

@@ -12,11 +12,11 @@ from typing import Annotated, Any
 
 import typer
 
-from aiva import collector
 from aiva.cli import observe_output as show
 from aiva.cli.output import Fmt, err_console
 from aiva.errors import InvalidValue, SandboxNotFound
 from aiva.models import Event
+from aiva.observe import collector
 
 Format = Annotated[Fmt, typer.Option("--format", "-o", help="table, json or yaml")]
 Limit = Annotated[int | None, typer.Option("--limit", "-n", help="only the newest N")]

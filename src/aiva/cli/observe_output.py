@@ -19,8 +19,8 @@ from rich.table import Table
 
 from aiva.cli.output import Fmt, _dump, console, err_console, size
 from aiva.errors import InvalidValue
-from aiva.metrics import SandboxMetrics
 from aiva.models import Event
+from aiva.observe.metrics import SandboxMetrics
 
 _AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -16,11 +16,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.status import Status
 from rich.table import Table
 
-from aiva import egress
 from aiva.backends.base import LogLine
 from aiva.config import format_size
-from aiva.metrics import SandboxMetrics
 from aiva.models import SandboxInfo
+from aiva.network import egress
+from aiva.observe.metrics import SandboxMetrics
 
 console = Console()
 err_console = Console(stderr=True)

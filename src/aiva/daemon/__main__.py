@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["AIVA_NO_DAEMON"] = "1"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from aiva.daemon.server import serve
+    from aiva.daemon.control import serve
 
     try:
         serve(args.port, mcp_allow_dirs=args.mcp_allow_dir)

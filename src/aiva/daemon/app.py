@@ -3,12 +3,12 @@
 Every route is a thin call into the engine, so the daemon can never disagree with the
 in-process engine about what is legal. Errors leave as ``{"error": {"type", "message",
 "hint"}}`` with a fitting status, never as a traceback. Routes for what happens inside a
-sandbox (exec, files, logs ...) are in :mod:`aiva.daemon.inside`.
+sandbox (exec, files, logs ...) are in :mod:`aiva.daemon.routes.inside`.
 
 Auth is per listener (see :class:`Gate`): the Unix socket is guarded by its 0600 mode;
 the optional TCP listener (127.0.0.1 only) needs ``Authorization: Bearer <token>``,
 except ``GET`` of the dashboard's static files under ``/ui/`` (and ``/``, which redirects
-there): they hold no secret (see :mod:`aiva.daemon.observe`). ``/mcp`` is the MCP server
+there): they hold no secret (see :mod:`aiva.daemon.routes.observe`). ``/mcp`` is the MCP server
 over streamable HTTP (:mod:`aiva.mcp.http`), behind the same gate; it also takes the MCP
 token (``AIVA_HOME/mcp.token``), which opens nothing else, so an MCP client's config
 never holds the whole API.
@@ -33,6 +33,7 @@ from aiva import __version__
 from aiva.daemon import wire
 from aiva.daemon.bridge import run_sync
 from aiva.engine import Engine
+from aiva.engine.spec_rules import spec_warnings
 from aiva.errors import AivaError, InvalidValue
 from aiva.mcp.grants import Grants
 from aiva.models import (
@@ -44,7 +45,6 @@ from aiva.models import (
     SandboxInfo,
     SandboxSpec,
 )
-from aiva.spec_rules import spec_warnings
 
 log = logging.getLogger("aiva.daemon")
 
@@ -141,7 +141,7 @@ def create_app(engine: Engine, *, port: int | None = None,
                mcp_grants: Grants | None = None) -> FastAPI:
     """The API over ``engine``; serve it through a :class:`Gate` per listener.
     ``mcp_grants``: the host directories ``/mcp``'s tools may touch (none by default)."""
-    from aiva.daemon import inside, observe
+    from aiva.daemon.routes import inside, observe
 
     app = FastAPI(title="aiva daemon", version=__version__,
                   description="aiva's Engine over HTTP: sandboxes, exec, files, events.")
@@ -154,7 +154,7 @@ def create_app(engine: Engine, *, port: int | None = None,
     app.include_router(router)
     app.include_router(inside.router)
     app.include_router(observe.router)
-    from aiva.daemon import tasks_api
+    from aiva.daemon.routes import tasks as tasks_api
 
     app.include_router(tasks_api.router)
     observe.mount_dashboard(app)
@@ -203,7 +203,7 @@ async def health() -> dict[str, Any]:
 @router.get("/metrics", tags=["daemon"], include_in_schema=False)
 async def prometheus_metrics(eng: Engine = Eng) -> Response:
     """Prometheus text: sandboxes, their figures, commands and cost."""
-    from aiva import prometheus
+    from aiva.observe import prometheus
 
     return Response(await run_sync(prometheus.render, eng), media_type=prometheus.CONTENT_TYPE)
 
@@ -284,7 +284,7 @@ async def list_sandboxes(reconcile: bool = True, eng: Engine = Eng) -> list[Sand
 
 
 class CreatedInfo(SandboxInfo):
-    """The new sandbox, and what its settings give away (``aiva.spec_rules``)."""
+    """The new sandbox, and what its settings give away (``aiva.engine.spec_rules``)."""
 
     warnings: list[str] = []
 

@@ -30,6 +30,7 @@ from aiva.agent_client import (
     ProcessHandle,
     StdinSource,
 )
+from aiva.agent_client.sync import SyncReport
 from aiva.backends.base import Backend, LogLine
 from aiva.config import load_config, parse_size
 from aiva.daemon import wire
@@ -43,7 +44,6 @@ from aiva.daemon.transport import (
 )
 from aiva.desktop import DesktopInfo
 from aiva.errors import AgentError, BackendUnavailable, InvalidValue, SandboxNotFound
-from aiva.metrics import SandboxMetrics
 from aiva.models import (
     Event,
     MountSpec,
@@ -55,7 +55,7 @@ from aiva.models import (
     ServiceSpec,
     check_tag,
 )
-from aiva.sync import SyncReport
+from aiva.observe.metrics import SandboxMetrics
 
 
 def connect(port: int | None = None, token: str | None = None) -> RemoteEngine:

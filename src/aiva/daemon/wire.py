@@ -16,11 +16,11 @@ from typing import Any
 
 from aiva import errors
 from aiva.agent_client import ExecResult
+from aiva.agent_client.sync import SyncReport
 from aiva.backends.base import LogLine
 from aiva.config import aiva_home
 from aiva.errors import AivaError
-from aiva.metrics import SandboxMetrics
-from aiva.sync import SyncReport
+from aiva.observe.metrics import SandboxMetrics
 from aiva.tasks.models import TaskNotFound, TaskStateError
 
 API = "/v1"

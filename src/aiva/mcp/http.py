@@ -75,7 +75,7 @@ class McpEndpoint:
 
         from aiva.mcp.limits import Limits
         from aiva.mcp.scope import Scope
-        from aiva.mcp.server import build_server
+        from aiva.mcp.serve import build_server
 
         settings = self.engine.config.mcp
         server = build_server(self.engine, Limits.from_settings(settings), self.grants,

@@ -16,13 +16,13 @@ from types import TracebackType
 from typing import IO, Any
 
 from aiva.agent_client import OutputCallback, StdinSource
+from aiva.agent_client.sync import SyncReport
 from aiva.backends.base import LogLine
 from aiva.desktop import DesktopInfo
 from aiva.engine import Engine
-from aiva.metrics import SandboxMetrics
 from aiva.models import SandboxInfo, State
+from aiva.observe.metrics import SandboxMetrics
 from aiva.sdk.sandbox import Sandbox
-from aiva.sync import SyncReport
 
 
 class AsyncCommands:

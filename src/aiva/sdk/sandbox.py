@@ -19,13 +19,13 @@ from types import TracebackType
 from typing import IO, Any
 
 from aiva.agent_client import ExecResult, OutputCallback, ProcessHandle, StdinSource
+from aiva.agent_client.sync import SyncReport
 from aiva.backends.base import LogLine
 from aiva.desktop import DesktopInfo
 from aiva.engine import Engine, default_engine
 from aiva.errors import CommandFailed, CommandTimeout
-from aiva.metrics import SandboxMetrics
 from aiva.models import SandboxInfo, State, parse_runtime
-from aiva.sync import SyncReport
+from aiva.observe.metrics import SandboxMetrics
 
 
 class Commands:

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiva.config import aiva_home
 from aiva.errors import AivaError
+from aiva.guard.private import open_private
 from aiva.models import utcnow
-from aiva.private import open_private
 
 if TYPE_CHECKING:
     from aiva.engine import Engine

@@ -18,7 +18,7 @@ from typing import IO
 
 from aiva.backends.base import LogLine
 from aiva.config import aiva_home
-from aiva.logs import read_jsonl
+from aiva.observe.logs import read_jsonl
 
 CAP = 4 << 20  # bytes of output kept per task; a line says what was cut after that
 

@@ -52,13 +52,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiva import paths
 from aiva.config import PoolSettings, aiva_home
+from aiva.engine.store import SqliteFile
 from aiva.errors import AivaError, InvalidValue, SandboxExists, SandboxNotFound
 from aiva.models import SandboxSpec, State, utcnow
-from aiva.store import SqliteFile
 
 if TYPE_CHECKING:
-    from aiva.collector import Collector
     from aiva.engine import Engine
+    from aiva.observe.collector import Collector
 
 log = logging.getLogger("aiva.pool")
 
@@ -379,7 +379,7 @@ class WarmPool:
         try:
             with self._mu:
                 if self._collector is None:
-                    from aiva.collector import Collector
+                    from aiva.observe.collector import Collector
 
                     self._collector = Collector(self.engine.store.path)
                 coll = self._collector
@@ -406,7 +406,7 @@ class WarmPool:
     def spec(self, template: str) -> SandboxSpec:
         """A pool sandbox's spec: the template (or image), the pool's label and size; no
         timeouts or restarts of its own (the pool decides when it goes)."""
-        from aiva.images import TEMPLATES
+        from aiva.images.build import TEMPLATES
 
         known = template in TEMPLATES
         s = self.settings

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiva.agent.protocol import FrameKind
 from aiva.agent_client import ExecResult, ProcessHandle
-from aiva.collector import GIB, price_for
 from aiva.config import Config
 from aiva.errors import (
     AgentError,
@@ -47,6 +46,7 @@ from aiva.errors import (
     SandboxNotFound,
 )
 from aiva.models import State, utcnow
+from aiva.observe.collector import GIB, price_for
 from aiva.tasks import gates
 from aiva.tasks.gates import WORKDIR
 from aiva.tasks.models import FINISHED, Task, TaskState

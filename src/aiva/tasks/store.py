@@ -23,10 +23,11 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from aiva import paths, plugins
+from aiva import paths
+from aiva.engine.store import SqliteFile, Store
 from aiva.errors import InvalidValue
 from aiva.models import Event, utcnow
-from aiva.store import SqliteFile, Store
+from aiva.plugins import manager as plugins
 from aiva.tasks.models import (
     FINISHED,
     PRIORITY_RANK,

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiva import images, paths
+from aiva import paths
 from aiva.config import aiva_home
+from aiva.images import build as images
 from aiva.vm.disks import build_rootfs
 from aiva.vm.initramfs import build_initramfs
 from aiva.vm.kernel import ensure_kernel

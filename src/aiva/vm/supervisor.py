@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from aiva.agent import protocol as p
-from aiva.vm import network
+from aiva.network import vm_bridge as network
 
 K = p.FrameKind
 ROTATE_AT = 8 << 20  # bytes: a log file moves to NAME.1 (replacing the older one) past this

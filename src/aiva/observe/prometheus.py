@@ -17,8 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from aiva.collector import Collector, EngineLike, as_sample, costs, reconciled
 from aiva.models import State
+from aiva.observe.collector import Collector, EngineLike, as_sample, costs, reconciled
 
 __all__ = ["CONTENT_TYPE", "render"]
 

@@ -1,7 +1,7 @@
 """What the dashboard reads: one overview of every sandbox, and metrics history.
 
-The daemon's sampler (:func:`aiva.collector.run_sampler`, started by ``server._run``)
-owns a :class:`~aiva.collector.Collector` of its own inside its loop. These routes read
+The daemon's sampler (:func:`aiva.observe.collector.run_sampler`, started by ``server._run``)
+owns a :class:`~aiva.observe.collector.Collector` of its own inside its loop. These routes read
 the same ``metrics`` table through a second Collector kept on ``app.state`` (made on
 first use): a Collector is one SQLite connection to the state db in WAL mode, so a
 reader never waits for the sampler and the sampler's lifetime stays its own business.
@@ -26,12 +26,12 @@ from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from aiva.collector import CLOSES, COLUMNS, OPENS, Collector
 from aiva.daemon import wire
 from aiva.daemon.app import Eng
 from aiva.daemon.bridge import run_sync
 from aiva.engine import Engine
 from aiva.models import Event, SandboxInfo, State
+from aiva.observe.collector import CLOSES, COLUMNS, OPENS, Collector
 
 router = APIRouter()
 UI = "/ui"

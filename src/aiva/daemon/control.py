@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from aiva.mcp.http import McpEndpoint
 from aiva.daemon.wire import daemon_running
 from aiva.errors import AivaError, BackendUnavailable
-from aiva.private import ensure_home, open_private, write_private
+from aiva.guard.private import ensure_home, open_private, write_private
 
 log = logging.getLogger("aiva.daemon")
 _spawned: dict[int, subprocess.Popen[bytes]] = {}
@@ -144,8 +144,8 @@ async def _run(servers: list[tuple[_Server, socket.socket]], engine: Engine,
     """Serve every listener, with the metrics sampler, the lifetimes pass and the task
     scheduler (``aiva.tasks.scheduler``) beside them, until a signal. MCP
     sessions end first, so their open streams do not hold up the servers' shutdown."""
-    from aiva.collector import run_sampler
-    from aiva.lifetimes import run_lifetimes
+    from aiva.engine.lifetimes import run_lifetimes
+    from aiva.observe.collector import run_sampler
     from aiva.tasks.scheduler import run_scheduler
 
     loop = asyncio.get_running_loop()

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from aiva.errors import InvalidTransition, SandboxExists, SandboxNotFound
+from aiva.guard.private import make_private_file
 from aiva.models import Event, SandboxInfo, SandboxSpec, State, can_move, utcnow
-from aiva.private import make_private_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (

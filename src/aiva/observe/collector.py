@@ -25,10 +25,10 @@ from aiva import paths
 from aiva.backends.base import LogLine
 from aiva.config import load_config
 from aiva.errors import AivaError
-from aiva.logquery import LogEntry, aiva_log_path, log_handler, query_logs, read_aiva_log
-from aiva.metrics import SandboxMetrics
+from aiva.guard.private import make_private_file
 from aiva.models import Event, SandboxInfo, State
-from aiva.private import make_private_file
+from aiva.observe.logquery import LogEntry, aiva_log_path, log_handler, query_logs, read_aiva_log
+from aiva.observe.metrics import SandboxMetrics
 
 __all__ = ["Collector", "EngineLike", "EventSource", "LogEntry", "Measurer", "Price",
            "aiva_log_path", "as_sample", "cost_of", "costs", "export_jsonl", "follow_events",

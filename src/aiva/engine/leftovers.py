@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiva import egress, paths
+from aiva import paths
 from aiva.config import aiva_home
 from aiva.errors import AivaError, BackendError
+from aiva.network import egress
 
 if TYPE_CHECKING:
     from aiva.engine import Engine
@@ -132,7 +133,7 @@ def _remove_disk(sid: str) -> Callable[[], None]:
 
 def _remove_vm_dir(d: Path) -> Callable[[], None]:
     def remove() -> None:
-        from aiva.lifetimes import _kill_ours
+        from aiva.engine.lifetimes import _kill_ours
 
         for pid_file in ("qemu.pid", "supervisor.pid"):
             _kill_ours(d / pid_file, str(d))

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiva.config import aiva_home
 from aiva.errors import AivaError, InvalidValue
+from aiva.guard.private import open_private
 from aiva.models import SandboxInfo
-from aiva.private import open_private
 
 if TYPE_CHECKING:
-    from aiva.collector import EngineLike
+    from aiva.observe.collector import EngineLike
 
 log = logging.getLogger("aiva.collector")
 
@@ -81,7 +81,7 @@ def log_handler(path: Path | None = None, level: int = logging.INFO) -> logging.
 def read_aiva_log(path: Path | None = None) -> list[LogEntry]:
     """aiva.log's records; a line with no time stamp (a traceback) joins the one above.
     Stamps without a zone are taken as local time (``logging``'s default format)."""
-    from aiva.logs import read_tail_bytes  # it imports the backends
+    from aiva.observe.logs import read_tail_bytes  # it imports the backends
 
     data = read_tail_bytes(path or aiva_log_path())  # at most limits.log_read, the newest
     text = (data or b"").decode("utf-8", "replace")

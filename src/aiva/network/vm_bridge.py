@@ -10,7 +10,7 @@
 - Ports are forwarded in user space (:func:`forward_port`, run by the VM's supervisor):
   binding 127.0.0.1 needs no ``route_localnet`` and no NAT rule in the host's OUTPUT path.
 - Mode ``allow`` (``--network allow=...``) is ``nat`` plus the VM's egress allow-list:
-  nft tables ``bridge``/``inet aiva-<bridge>-<sid8>`` (:func:`aiva.egress.vm_ruleset`),
+  nft tables ``bridge``/``inet aiva-<bridge>-<sid8>`` (:func:`aiva.network.egress.vm_ruleset`),
   made before the VM boots and removed with its TAP.
 """
 
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiva import egress
 from aiva.config import Networking, aiva_home, load_config
 from aiva.errors import BackendError, BackendUnavailable, InvalidValue
 from aiva.models import PortSpec
+from aiva.network import egress
 
 MODES = ("none", "nat", "allow")
 BRIDGE_ALIAS = "aiva bridge"

@@ -8,7 +8,7 @@ A reader thread demultiplexes frames into per-channel queues, so several threads
 background processes) share one connection without blocking each other.
 
 The agent lives in the sandbox, so it is treated as an adversary: every reply is checked
-(:mod:`aiva.agent_replies`), every wait has a deadline, every buffer a cap. A channel's
+(:mod:`aiva.agent_client.replies`), every wait has a deadline, every buffer a cap. A channel's
 queue holds at most ``channel_buffer`` bytes; when it is full the reader stops reading the
 connection, so a slow consumer slows the agent instead of growing host memory. A call
 whose caller stops listening (an iterator closed or dropped, a timeout, Ctrl-C) is
@@ -36,8 +36,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
-from aiva import agent_replies as r
 from aiva.agent import protocol as p
+from aiva.agent_client import replies as r
 from aiva.errors import (
     AgentError,
     AgentUnreachable,

@@ -109,7 +109,7 @@ def docker_sees(path: Path) -> bool:
 
 
 def _mkdir(path: Path) -> None:
-    from aiva.private import private_dir
+    from aiva.guard.private import private_dir
 
     private_dir(path)
     st = os.lstat(path)

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from aiva.agent_client import ProcessHandle
+from aiva.engine.lifetimes import restart_due
 from aiva.errors import AivaError
-from aiva.lifetimes import restart_due
 from aiva.models import SandboxInfo, State
 
 if TYPE_CHECKING:

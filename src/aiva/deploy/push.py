@@ -3,7 +3,7 @@
 SOURCE is a directory (pushed to ``/app`` in the sandbox; its ``aiva.yaml`` may give
 ``entry``, ``ports``, ``template``/``image``, ``env`` and ``restart``) or an image (its
 own command is the entry unless ``--entry``). The program becomes the sandbox's service
-(:mod:`aiva.services`): started now and after every boot, restarted by the daemon under
+(:mod:`aiva.deploy.services`): started now and after every boot, restarted by the daemon under
 the restart policy (``always`` unless told), its ports published on 127.0.0.1. Deploying
 again to the same name pushes the new code and restarts the program in place.
 """
@@ -47,7 +47,7 @@ def _argv(entry: str | list[str] | None) -> list[str]:
 
 
 def _image_command(engine: Engine, ref: str) -> list[str]:
-    from aiva import images
+    from aiva.images import build as images
 
     image = images.resolve_image(engine.backend("docker").client, ref)  # type: ignore[attr-defined]
     config = image.attrs.get("Config") or {}

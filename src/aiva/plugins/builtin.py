@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 from aiva.config import aiva_home
+from aiva.guard.private import open_private
 from aiva.models import Event, SandboxInfo
-from aiva.plugins import hookimpl
-from aiva.private import open_private
+from aiva.plugins.hookspecs import hookimpl
 
 
 def events_path() -> Path:

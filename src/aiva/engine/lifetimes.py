@@ -255,7 +255,7 @@ def tick(engine: Engine, now: float | None = None) -> list[dict[str, Any]]:
     """One pass over every sandbox: reconcile, timeouts, restarts (of sandboxes and of
     deployed services); then reap orphans.
     One sandbox's failure is logged and never stops the pass."""
-    from aiva import services  # it builds on this module
+    from aiva.deploy import services  # it builds on this module
 
     done: list[dict[str, Any]] = []
     for sb in engine.store.all():

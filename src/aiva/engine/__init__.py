@@ -24,15 +24,23 @@ from typing import IO, Any, TypeVar, cast
 from pydantic import ValidationError
 
 from aiva import desktop as desktop_session
-from aiva import egress, lifetimes, metrics, paths, plugins, services, spec_rules, sync
+from aiva import paths
 from aiva.agent.protocol import FrameKind
-from aiva.agent_client import AgentClient, ExecResult, OutputCallback, ProcessHandle, StdinSource
+from aiva.agent_client import (
+    AgentClient,
+    ExecResult,
+    OutputCallback,
+    ProcessHandle,
+    StdinSource,
+    sync,
+)
 from aiva.backends import detect_backend, make_backend
 from aiva.backends.base import Backend, LogLine
 from aiva.config import Config, aiva_home, load_config, parse_size
+from aiva.deploy import services
+from aiva.engine import lifetimes, spec_rules
+from aiva.engine.store import Store
 from aiva.errors import AivaError, InvalidTransition, InvalidValue, SandboxNotFound
-from aiva.logs import CommandLog, follow_command_log, merge, read_command_log
-from aiva.metrics import SandboxMetrics
 from aiva.models import (
     Event,
     MountSpec,
@@ -50,7 +58,11 @@ from aiva.models import (
     check_tag,
     utcnow,
 )
-from aiva.store import Store
+from aiva.network import egress
+from aiva.observe import metrics
+from aiva.observe.logs import CommandLog, follow_command_log, merge, read_command_log
+from aiva.observe.metrics import SandboxMetrics
+from aiva.plugins import manager as plugins
 
 log = logging.getLogger("aiva.engine")
 _STREAM = {FrameKind.STDOUT: "stdout", FrameKind.STDERR: "stderr"}
@@ -171,7 +183,7 @@ class Engine:
 
         ``mounts``: ``DIR[:GUEST_PATH][:ro]`` strings (DIR relative to this process's
         directory) or MountSpecs; each host directory must exist now.
-        ``network``: ``nat``, ``none`` or ``allow=HOST[:PORT][,...]`` (see ``aiva.egress``).
+        ``network``: ``nat``, ``none`` or ``allow=HOST[:PORT][,...]`` (see ``aiva.network.egress``).
         ``runtime``: ``runc`` (default) or ``gvisor`` (Docker only).
         """
         d = self.config.defaults
@@ -379,7 +391,7 @@ class Engine:
         shutil.rmtree(paths.logs_dir(sb.id), ignore_errors=True)
         shutil.rmtree(aiva_home() / "sync" / sb.id, ignore_errors=True)
         if sb.spec.backend == "docker" and (had_snapshots or sb.runtime.get("forked_from")):
-            from aiva import leftovers  # it may have been the last user of a snapshot image
+            from aiva.engine import leftovers  # it may have been the last user of a snapshot image
 
             leftovers.sweep_snapshot_images(self)
 
@@ -758,7 +770,7 @@ class Engine:
     def log_streams(self, name: str) -> list[Iterator[LogLine]]:
         """One endless iterator of new lines per log of the sandbox: its commands, its
         engine log and its guest syslog. ``follow_logs`` and the daemon merge them."""
-        from aiva.logs import follow_jsonl
+        from aiva.observe.logs import follow_jsonl
 
         sb = self.get(name)
         backend = self._backend_of(sb)
@@ -836,14 +848,14 @@ def _one_line(exc: ValidationError) -> InvalidValue:
 def _image_ref(ref: str) -> str:
     """A template's name means its image: ``python`` is stored (and shown) as
     ``aiva/python:latest`` however the sandbox was made."""
-    from aiva.images import TEMPLATES, template_tag
+    from aiva.images.build import TEMPLATES, template_tag
 
     return template_tag(ref) if ref in TEMPLATES else ref
 
 
 def _template_name(image: str | None) -> str | None:
     """``--image python`` names the template too."""
-    from aiva.images import TEMPLATES
+    from aiva.images.build import TEMPLATES
 
     return image if image in TEMPLATES else None
 

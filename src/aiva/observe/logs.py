@@ -33,7 +33,7 @@ from typing import IO
 from aiva import paths
 from aiva.backends.base import LogLine
 from aiva.config import format_size, load_config, parse_size
-from aiva.private import open_private
+from aiva.guard.private import open_private
 
 log = logging.getLogger("aiva.logs")
 

@@ -2,7 +2,7 @@
 
 A plugin is any module or object with functions marked ``@hookimpl`` whose names match
 the specs in :class:`AivaSpecs`. Third-party plugins are found through the
-``aiva.plugins`` entry-point group; aiva's own (:mod:`aiva.builtin_plugins`) use the same
+``aiva.plugins`` entry-point group; aiva's own (:mod:`aiva.plugins.builtin`) use the same
 hooks. The engine only ever calls :func:`call_hook`, which runs each implementation on its
 own, so one failing plugin is logged and never breaks the engine or the other plugins.
 """
@@ -16,45 +16,12 @@ from typing import Any
 
 import pluggy
 
-from aiva.models import Event, SandboxInfo
+from aiva.plugins import builtin
+from aiva.plugins.hookspecs import PROJECT, AivaSpecs
 
-PROJECT = "aiva"
 ENTRY_POINT_GROUP = "aiva.plugins"
 
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
-
 log = logging.getLogger("aiva.plugins")
-
-
-class AivaSpecs:
-    """The hooks a plugin may implement; all are notifications and return nothing."""
-
-    @hookspec
-    def on_vm_create(self, sandbox: SandboxInfo) -> None:
-        """A sandbox was created (its container or VM disks exist); it may not run yet."""
-
-    @hookspec
-    def on_vm_start(self, sandbox: SandboxInfo) -> None:
-        """A sandbox booted and its agent answers: it is ``running``."""
-
-    @hookspec
-    def on_vm_stop(self, sandbox: SandboxInfo) -> None:
-        """A sandbox was stopped through aiva and is now ``stopped``."""
-
-    @hookspec
-    def on_vm_delete(self, sandbox: SandboxInfo) -> None:
-        """A sandbox was deleted; ``sandbox`` is its last known state."""
-
-    @hookspec
-    def on_command(
-        self, sandbox: SandboxInfo, argv: list[str], exit_code: int, duration: float
-    ) -> None:
-        """A foreground command finished in ``sandbox`` (duration in seconds)."""
-
-    @hookspec
-    def on_event(self, event: Event) -> None:
-        """An event was written to the event store (every kind, in order, with its id)."""
 
 
 _pm: pluggy.PluginManager | None = None
@@ -78,11 +45,10 @@ def reset_plugin_manager() -> None:
 
 
 def _make_manager() -> pluggy.PluginManager:
-    from aiva import builtin_plugins
 
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(AivaSpecs)
-    for name, plugin in builtin_plugins.PLUGINS.items():
+    for name, plugin in builtin.PLUGINS.items():
         pm.register(plugin, name=name)
     _load_entry_points(pm)
     try:
@@ -135,8 +101,6 @@ def call_hook(name: str, **kwargs: Any) -> list[Any]:
 
 def list_plugins() -> list[dict[str, Any]]:
     """Each plugin: its name, the hooks it implements, where it comes from (``aiva plugins``)."""
-    from aiva.builtin_plugins import PLUGINS as builtin
-
     pm = get_plugin_manager()
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     out = []
@@ -149,6 +113,6 @@ def list_plugins() -> list[dict[str, Any]]:
             "hooks": sorted(c.name for c in pm.get_hookcallers(plugin) or []),
             "version": dist.version if dist is not None else None,
             "distribution": dist.project_name if dist is not None else None,
-            "builtin": name in builtin,
+            "builtin": name in builtin.PLUGINS,
         })
     return out

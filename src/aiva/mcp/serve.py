@@ -39,18 +39,18 @@ from aiva import __version__
 from aiva.agent_client import ExecResult
 from aiva.config import format_size
 from aiva.daemon.bridge import run_sync
+from aiva.engine.spec_rules import spec_warnings
 from aiva.errors import AivaError, InvalidValue, SandboxFileNotFound, SandboxNotFound
 from aiva.mcp.grants import Grants
 from aiva.mcp.limits import Limits, clip_output, file_window, window_note
 from aiva.mcp.scope import Scope
 from aiva.models import check_name
-from aiva.spec_rules import spec_warnings
 
 if TYPE_CHECKING:
+    from aiva.agent_client.sync import SyncReport
     from aiva.backends.base import LogLine
     from aiva.engine import Engine
     from aiva.models import SandboxInfo
-    from aiva.sync import SyncReport
 
 log = logging.getLogger("aiva.mcp")
 P = ParamSpec("P")
@@ -718,7 +718,7 @@ def serve_stdio(limits: Limits | None = None, allow_dirs: list[str] | None = Non
     import anyio
 
     from aiva.engine import default_engine
-    from aiva.logquery import log_handler
+    from aiva.observe.logquery import log_handler
 
     # the CLI lets SIGPIPE kill it (for `aiva ls | head`); a server must see EPIPE instead
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)

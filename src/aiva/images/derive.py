@@ -24,9 +24,9 @@ from typing import Any
 import docker
 import docker.errors
 
-from aiva import images
 from aiva.errors import ImageError, InvalidValue
-from aiva.images import ImageInfo
+from aiva.images import build as images
+from aiva.images.build import ImageInfo
 
 FORMAT = 3  # bump when how the build runs changes
 DERIVED_FROM, RUN_KEY = "aiva.derived_from", "aiva.derive_key"

@@ -7,7 +7,7 @@ a hash, not a transfer. Two-way sync compares each side with the state of the la
 from a new file. Nothing is ever deleted unless ``delete=True``.
 
 The sandbox is not trusted: every name from its walk is checked before use, and all local
-reads and writes go through :class:`aiva.safe_files.DestDir` (relative to the local root's
+reads and writes go through :class:`aiva.guard.files.DestDir` (relative to the local root's
 descriptor, never through a link, sizes capped at what the agent declared, modes masked).
 """
 
@@ -30,7 +30,7 @@ import pathspec
 
 from aiva.agent_client import AgentClient
 from aiva.errors import AivaError, InvalidValue, ProtocolError, SandboxFileNotFound, SyncError
-from aiva.safe_files import (
+from aiva.guard.files import (
     DestDir,
     Written,
     check_name,
