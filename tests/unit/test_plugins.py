@@ -22,9 +22,9 @@ from aiva.config import Config
 from aiva.engine import Engine
 from aiva.engine.store import Store
 from aiva.models import Event, SandboxInfo, SandboxSpec, State
+from aiva.plugins import call_hook, get_plugin_manager, hookimpl, list_plugins
 from aiva.plugins import manager as plugins
 from aiva.plugins.builtin import events_path
-from aiva.plugins import call_hook, get_plugin_manager, hookimpl, list_plugins
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "tests" / "data" / "example_plugin"
