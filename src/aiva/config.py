@@ -23,6 +23,7 @@ from pydantic import (
 
 from aiva.errors import ConfigError, InvalidValue
 from aiva.models import OnTimeout, RestartPolicy
+from aiva.paths import config_path
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -246,14 +247,6 @@ class Config(_Section):
             raise InvalidValue(
                 f"unknown profile '{name}'", hint=f"use one of: {known}"
             ) from None
-
-
-def aiva_home() -> Path:
-    return Path(os.environ.get("AIVA_HOME") or Path.home() / ".aiva").expanduser()
-
-
-def config_path() -> Path:
-    return aiva_home() / "config.yaml"
 
 
 def _describe(exc: ValidationError, path: Path, raw: dict[str, Any]) -> str:

@@ -31,8 +31,8 @@ from hostile_kit import (
 
 from aiva import paths
 from aiva.agent_client import AgentClient, connect_unix
-from aiva.config import aiva_home
 from aiva.errors import AivaError
+from aiva.paths import aiva_home
 
 pytestmark = [pytest.mark.docker]
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from aiva.config import aiva_home
 from aiva.engine import lifetimes
 from aiva.models import State
+from aiva.paths import aiva_home
 
 pytestmark = pytest.mark.docker
 

@@ -115,7 +115,7 @@ def test_qemu_virtio_fs_rw_and_ro_in_one_boot(docker_ok: Any, engine: Any,
         pytest.skip("qemu-system-x86_64 is not installed")
     if os.geteuid() != 0:
         pytest.skip("--mount on QEMU needs root (virtiofsd and its mount namespace)")
-    from aiva.config import aiva_home
+    from aiva.paths import aiva_home
 
     rw, ro = _dirs(tmp_path)
     # the rw mount lands below the guest's /tmp (a tmpfs /init mounts first)

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from aiva import errors
-from aiva.config import aiva_home
 from aiva.models import State
 from aiva.observe.collector import query_logs
+from aiva.paths import aiva_home
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

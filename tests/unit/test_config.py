@@ -7,13 +7,13 @@ import pytest
 from aiva.config import (
     PROFILES,
     Config,
-    aiva_home,
     format_size,
     load_config,
     parse_size,
     write_default_config,
 )
 from aiva.errors import ConfigError, InvalidValue
+from aiva.paths import aiva_home
 
 
 @pytest.mark.parametrize(

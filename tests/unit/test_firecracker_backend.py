@@ -39,9 +39,9 @@ from aiva.agent_client import AgentClient, SocketTransport, connect_unix
 from aiva.backends import firecracker as fcb
 from aiva.backends import make_backend
 from aiva.backends.firecracker import FirecrackerBackend, Layout
-from aiva.config import aiva_home
 from aiva.errors import AgentUnreachable, BackendError, BackendUnavailable
 from aiva.models import SandboxInfo, SandboxSpec, State
+from aiva.paths import aiva_home
 from aiva.vm import artifacts, vmlinux
 from aiva.vm import firecracker_api as fcvm
 

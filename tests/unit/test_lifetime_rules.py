@@ -97,7 +97,7 @@ def test_orphan_vm_dirs_are_killed_by_pid_only_if_theirs() -> None:
     import sys
     import uuid
 
-    from aiva.config import aiva_home
+    from aiva.paths import aiva_home
 
     class Recorder:
         def __init__(self) -> None:

@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from aiva import paths
-from aiva.agent_client import SocketTransport, Transport, connect_unix
+from aiva.agent_client import SocketTransport, Transport, bundle, connect_unix
 from aiva.backends import docker_disk
 from aiva.backends.base import Backend, LogLine, Observed
-from aiva.config import aiva_home
 from aiva.errors import (
     BackendError,
     BackendUnavailable,
@@ -47,6 +46,7 @@ from aiva.images import build as images
 from aiva.models import SandboxInfo, State
 from aiva.network import egress
 from aiva.observe.metrics import SandboxMetrics, docker_metrics
+from aiva.paths import aiva_home
 
 AGENT_IN_SANDBOX = "/.aiva/agent"
 RUN_IN_SANDBOX = "/.aiva/run"
@@ -300,7 +300,7 @@ class DockerBackend(Backend):
         create in another process mounts its run dir before its container exists).
         Nothing of another AIVA_HOME, nothing that is not a tmpfs aiva would have made
         (a VM's run dir is a plain directory). Returns the short ids (12 characters)."""
-        found = [p for p in runmount.mounts_under(aiva_home() / "run")
+        found = [p for p in runmount.mounts_under(paths.run_root())
                  if _ID12.fullmatch(p.name) and runmount.age(p) > ORPHAN_AGE]
         if not found:
             return []
@@ -372,7 +372,7 @@ class DockerBackend(Backend):
                 *(docker_disk.docker_mounts(sb.id, spec) if volume is None else
                   [docker.types.Mount(spec.workdir, volume, type="volume")]),
                 docker.types.Mount(RUN_IN_SANDBOX, str(run), type="bind"),
-                docker.types.Mount(AGENT_IN_SANDBOX, str(paths.agent_bundle()),
+                docker.types.Mount(AGENT_IN_SANDBOX, str(bundle.agent_bundle()),
                                    type="bind", read_only=True),
                 # host directories (--mount); read_only is the kernel's, outside the guest
                 *(docker.types.Mount(m.guest_path, m.host_path, type="bind",

@@ -52,7 +52,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiva.config import aiva_home
+from aiva import paths
 from aiva.errors import BackendError
 from aiva.models import SandboxSpec
 
@@ -75,7 +75,7 @@ LAYERS = "layers.json"  # sub-directory -> the image's seed below it (an overlay
 
 
 def disks_root() -> Path:
-    return aiva_home() / "disks"
+    return paths.disks_dir()
 
 
 def disk_dir(sandbox_id: str) -> Path:

@@ -38,7 +38,7 @@ from aiva.backends.supervised import (
     template_of,
     vm_dir,
 )
-from aiva.config import Config, aiva_home, load_config
+from aiva.config import Config, load_config
 from aiva.errors import AgentError, AivaError, BackendError, BackendUnavailable
 from aiva.models import SandboxInfo, State
 from aiva.vm import firecracker_api as fcvm
@@ -187,7 +187,7 @@ class FirecrackerBackend(SupervisedVM):
         uid = JAIL_UID_BASE + zlib.crc32(sb.id.encode()) % (1 << 24)
         try:
             jail = fcvm.JailerConfig(id=sb.id, exec_file=fc, uid=uid, gid=uid,
-                                     chroot_base_dir=aiva_home() / "jail")
+                                     chroot_base_dir=paths.jail_dir())
         except ValueError as exc:  # e.g. the jailer runs only files named *firecracker*
             raise BackendUnavailable(f"cannot jail {fc}: {exc}", hint="rename the binary "
                                      "to firecracker, or run aiva as a non-root user") from None
@@ -228,7 +228,7 @@ class FirecrackerBackend(SupervisedVM):
     def delete(self, sb: SandboxInfo, *, volumes: bool = False) -> None:
         self._kill(sb)
         d = vm_dir(sb)
-        for gone in (paths.run_dir(sb.id), *(aiva_home() / "jail").glob(f"*/{sb.id}")):
+        for gone in (paths.run_dir(sb.id), *paths.jail_dir().glob(f"*/{sb.id}")):
             shutil.rmtree(gone, ignore_errors=True)
         if volumes:
             shutil.rmtree(d, ignore_errors=True)

@@ -71,7 +71,7 @@ class QemuBackend(SupervisedVM):
             return wanted
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             return "tcg"
-        cache = paths.cache_dir() / "vm" / "accel.json"
+        cache = paths.accel_cache()
         key = f"{kernel.name}:{os.stat(kernel).st_mtime_ns}"
         try:
             known = json.loads(cache.read_text())

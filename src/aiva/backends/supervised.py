@@ -14,7 +14,6 @@ from pathlib import Path
 from aiva import paths
 from aiva.agent_client import Transport, connect_unix
 from aiva.backends.base import Backend, LogLine, Observed
-from aiva.config import aiva_home
 from aiva.models import SandboxInfo, State
 from aiva.observe.logs import follow_jsonl, read_jsonl
 
@@ -27,7 +26,7 @@ SYSLOG_NAME = "syslog.jsonl"
 
 
 def vm_dir(sb: SandboxInfo) -> Path:
-    return aiva_home() / "vms" / sb.id
+    return paths.vm_dir(sb.id)
 
 
 def pid_alive(pid: int | None, marker: str) -> bool:

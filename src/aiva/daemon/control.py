@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from aiva import __version__
-from aiva.config import aiva_home
+from aiva import __version__, paths
 from aiva.daemon import wire
 from aiva.daemon.bridge import end_streams
+from aiva.paths import aiva_home
 
 if TYPE_CHECKING:
     from aiva.engine import Engine
@@ -52,7 +52,7 @@ def serve(port: int | None = None, *, mcp_allow_dirs: list[str] | None = None) -
 
     home = ensure_home()
     # held (locked) for the daemon's whole life
-    lock = os.fdopen(open_private(home / "daemon.lock", os.O_WRONLY | os.O_CREAT), "a")
+    lock = os.fdopen(open_private(paths.daemon_lock(), os.O_WRONLY | os.O_CREAT), "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -14,11 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from aiva import errors
+from aiva import errors, paths
 from aiva.agent_client import ExecResult
 from aiva.agent_client.sync import SyncReport
 from aiva.backends.base import LogLine
-from aiva.config import aiva_home
 from aiva.errors import AivaError
 from aiva.observe.metrics import SandboxMetrics
 from aiva.tasks.models import TaskNotFound, TaskStateError
@@ -30,30 +29,30 @@ STAT_HEADER = "x-aiva-stat"
 
 
 def socket_path() -> Path:
-    return aiva_home() / "daemon.sock"
+    return paths.daemon_socket()
 
 
 def token_path() -> Path:
-    return aiva_home() / "daemon.token"
+    return paths.daemon_token()
 
 
 def mcp_token_path() -> Path:
     """A second bearer token that opens ``/mcp`` and nothing else: the one to put in an
     MCP client's config, so the client never holds the whole API."""
-    return aiva_home() / "mcp.token"
+    return paths.mcp_token()
 
 
 def pid_path() -> Path:
-    return aiva_home() / "daemon.pid"
+    return paths.daemon_pid()
 
 
 def state_path() -> Path:
     """Facts of the running daemon (port, start time) for ``status`` and clients."""
-    return aiva_home() / "daemon.json"
+    return paths.daemon_state()
 
 
 def log_path() -> Path:
-    return aiva_home() / "daemon.log"
+    return paths.daemon_log()
 
 
 def daemon_running(timeout: float = 0.05, *, answer_timeout: float = 2.0) -> bool:

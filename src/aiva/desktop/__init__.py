@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiva.config import aiva_home
+from aiva import paths
 from aiva.errors import DesktopError, NotADesktop, SandboxFileNotFound
 from aiva.models import PortSpec, SandboxInfo, State
 
@@ -64,7 +64,7 @@ class DesktopInfo:
 
 
 def password_path(sandbox_id: str) -> Path:
-    return aiva_home() / "desktops" / f"{sandbox_id}.password"
+    return paths.desktop_password(sandbox_id)
 
 
 def password(sb: SandboxInfo) -> str:

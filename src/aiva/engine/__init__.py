@@ -36,7 +36,7 @@ from aiva.agent_client import (
 )
 from aiva.backends import detect_backend, make_backend
 from aiva.backends.base import Backend, LogLine
-from aiva.config import Config, aiva_home, load_config, parse_size
+from aiva.config import Config, load_config, parse_size
 from aiva.deploy import services
 from aiva.engine import lifetimes, spec_rules
 from aiva.engine.store import Store
@@ -389,7 +389,7 @@ class Engine:
         plugins.call_hook("on_vm_delete", sandbox=sb)  # before its command log goes
         desktop_session.forget(sb)
         shutil.rmtree(paths.logs_dir(sb.id), ignore_errors=True)
-        shutil.rmtree(aiva_home() / "sync" / sb.id, ignore_errors=True)
+        shutil.rmtree(paths.sync_dir(sb.id), ignore_errors=True)
         if sb.spec.backend == "docker" and (had_snapshots or sb.runtime.get("forked_from")):
             from aiva.engine import leftovers  # it may have been the last user of a snapshot image
 

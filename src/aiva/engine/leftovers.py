@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiva import paths
-from aiva.config import aiva_home
 from aiva.errors import AivaError, BackendError
 from aiva.network import egress
+from aiva.paths import aiva_home
 
 if TYPE_CHECKING:
     from aiva.engine import Engine
@@ -93,19 +93,18 @@ def sweep_snapshot_images(engine: Engine) -> list[str]:
 
 
 def _files(live: set[str], names: dict[str, str]) -> list[Leftover]:
-    home = aiva_home()
     out: list[Leftover] = []
-    disks = home / "disks"
+    disks = paths.disks_dir()
     for d in _id_dirs(disks):
         if d.name not in live:
             out.append(Leftover("disk", str(d / "disk.img"), d.name, names.get(d.name),
                                 _allocated(d / "disk.img"), _remove_disk(d.name)))
-    for d in _id_dirs(home / "vms"):
+    for d in _id_dirs(paths.vms_dir()):
         if d.name not in live:
             out.append(Leftover("vm dir", str(d), d.name, names.get(d.name), _du(d),
                                 _remove_vm_dir(d)))
     prefixes = {sid[:12] for sid in live}
-    for d in _id_dirs(home / "run"):
+    for d in _id_dirs(paths.run_root()):
         if d.name not in prefixes:
             sid = next((s for s in names if s.startswith(d.name)), None)
             out.append(Leftover("run dir", str(d), sid, names.get(sid or ""), None,

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from aiva import paths
-from aiva.config import aiva_home
 from aiva.errors import InvalidValue
 from aiva.models import SandboxInfo, SandboxSpec, State
+from aiva.paths import aiva_home
 
 if TYPE_CHECKING:
     from aiva.engine import Engine
@@ -233,7 +233,7 @@ def reap_vm_dirs(engine: Engine, known: Callable[[], set[str]]) -> list[str]:
     """Kill the VMM and supervisor of VM dirs whose sandbox is gone, then remove the dir
     (``known`` read after listing, as for containers)."""
     gone = []
-    root = aiva_home() / "vms"
+    root = paths.vms_dir()
     found = sorted(root.iterdir()) if root.is_dir() else []
     ids = known()
     for d in found:

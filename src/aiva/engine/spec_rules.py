@@ -17,9 +17,10 @@ import os
 import stat
 from pathlib import Path
 
-from aiva.config import aiva_home, format_size
+from aiva.config import format_size
 from aiva.errors import InvalidValue
 from aiva.models import MountSpec, PortSpec, SandboxSpec
+from aiva.paths import aiva_home
 
 #: Below these a sandbox cannot run its agent (memory) or hold its own files (disk).
 MIN_MEMORY = 16 << 20

@@ -32,7 +32,7 @@ import struct
 import threading
 from pathlib import Path
 
-from aiva.config import aiva_home
+from aiva.paths import aiva_home
 
 log = logging.getLogger("aiva")
 

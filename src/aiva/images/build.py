@@ -29,8 +29,9 @@ import docker
 import docker.errors
 from docker.models.images import Image
 
-from aiva.config import aiva_home
+from aiva import paths
 from aiva.errors import BackendUnavailable, ImageError, ImageNotFound, ImageUnsupported
+from aiva.paths import aiva_home
 
 TEMPLATES: dict[str, list[str]] = {
     "minimal": ["python3"],
@@ -244,7 +245,7 @@ def ensure_rootfs_tar(template: str, *, suite: str = DEFAULT_SUITE, mirror: str 
     say: Progress = progress or (lambda _msg: None)
     pkgs = _packages(template)
     mirror = mirror or default_mirror()
-    tar = aiva_home() / "cache" / "images" / f"{template}-{cache_key(template, suite, mirror)}.tar"
+    tar = paths.images_cache() / f"{template}-{cache_key(template, suite, mirror)}.tar"
     if tar.is_file():
         say(f"cached rootfs {tar}: skipping mmdebstrap")
     else:
@@ -308,7 +309,7 @@ def resolve_image(client: docker.DockerClient, ref: str) -> Image:
 
 
 def _check_cache() -> Path:
-    return aiva_home() / "cache" / "python-check.json"
+    return paths.python_check_cache()
 
 
 def _load_checks() -> dict[str, str]:

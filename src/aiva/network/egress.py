@@ -319,7 +319,7 @@ def delete_tables(name: str) -> None:
 
 def home_tag() -> str:
     """Six hex digits of this AIVA_HOME: names on the host say whose they are."""
-    from aiva.config import aiva_home
+    from aiva.paths import aiva_home
 
     return hashlib.sha256(str(aiva_home()).encode()).hexdigest()[:6]
 

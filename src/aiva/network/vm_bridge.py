@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiva.config import Networking, aiva_home, load_config
+from aiva import paths
+from aiva.config import Networking, load_config
 from aiva.errors import BackendError, BackendUnavailable, InvalidValue
 from aiva.models import PortSpec
 from aiva.network import egress
@@ -44,7 +45,7 @@ State = dict[str, dict[str, dict[str, Any]]]
 
 
 def net_dir() -> Path:
-    return aiva_home() / "run" / "net"
+    return paths.net_dir()
 
 
 def tap_name(sandbox_id: str) -> str:

@@ -19,7 +19,7 @@ from io import TextIOWrapper
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiva.config import aiva_home
+from aiva import paths
 from aiva.errors import AivaError, InvalidValue
 from aiva.guard.private import open_private
 from aiva.models import SandboxInfo
@@ -52,7 +52,7 @@ class LogEntry:
 
 
 def aiva_log_path() -> Path:
-    return aiva_home() / "aiva.log"
+    return paths.aiva_log()
 
 
 class _UTCFormatter(logging.Formatter):

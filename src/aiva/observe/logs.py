@@ -59,7 +59,7 @@ class CommandLog:
     many bytes were."""
 
     def __init__(self, sandbox_id: str, *, cap: int | None = None) -> None:
-        self.path = paths.logs_dir(sandbox_id) / "commands.jsonl"
+        self.path = paths.command_log(sandbox_id)
         self.cap = command_log_cap() if cap is None else cap
         self._file: IO[str] | None = None
         self._lock = threading.Lock()
@@ -334,4 +334,4 @@ def _key(line: LogLine) -> datetime:
 
 
 def log_path(sandbox_id: str) -> Path:
-    return paths.logs_dir(sandbox_id) / "commands.jsonl"
+    return paths.command_log(sandbox_id)

@@ -11,14 +11,14 @@ import logging
 import os
 from pathlib import Path
 
-from aiva.config import aiva_home
+from aiva import paths
 from aiva.guard.private import open_private
 from aiva.models import Event, SandboxInfo
 from aiva.plugins.hookspecs import hookimpl
 
 
 def events_path() -> Path:
-    return aiva_home() / "events.jsonl"
+    return paths.events_jsonl()
 
 
 class EventLog:

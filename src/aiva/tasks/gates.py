@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiva.config import aiva_home
+from aiva import paths
 from aiva.errors import AivaError
 from aiva.guard.private import open_private
 from aiva.models import utcnow
@@ -161,7 +161,7 @@ def run_l1(engine: Engine, store: TaskStore, task: Task, sandbox: str, *, durati
 
 
 def lessons_path() -> Path:
-    return aiva_home() / "lessons.json"
+    return paths.lessons_json()
 
 
 @contextlib.contextmanager

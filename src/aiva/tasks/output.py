@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from aiva import paths
 from aiva.backends.base import LogLine
-from aiva.config import aiva_home
 from aiva.observe.logs import read_jsonl
 
 CAP = 4 << 20  # bytes of output kept per task; a line says what was cut after that
@@ -25,7 +25,7 @@ CAP = 4 << 20  # bytes of output kept per task; a line says what was cut after t
 
 def output_path(task_id: str) -> Path:
     """The task's output file; ``task_id`` is a validated task id (``t-`` + 8 hex)."""
-    return aiva_home() / "tasks" / task_id / "output.jsonl"
+    return paths.task_output(task_id)
 
 
 class TaskOutput:

@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiva import paths
-from aiva.config import PoolSettings, aiva_home
+from aiva.agent_client import bundle
+from aiva.config import PoolSettings
 from aiva.engine.store import SqliteFile
 from aiva.errors import AivaError, InvalidValue, SandboxExists, SandboxNotFound
 from aiva.models import SandboxSpec, State, utcnow
@@ -312,13 +313,13 @@ class WarmPool:
         self._mu = threading.Lock()
         # The agent bundle is written once per AIVA_HOME under a temp dir named by pid:
         # made here, before the pool creates sandboxes from several threads at once.
-        paths.agent_bundle()
+        bundle.agent_bundle()
 
     # ------------------------------------------------------------------ facts
 
     @contextmanager
     def _locked(self, template: str) -> Iterator[None]:
-        path = aiva_home() / "run" / "locks" / "pool" / f"{slug(template)}.lock"
+        path = paths.pool_lock(slug(template))
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiva import paths
-from aiva.config import aiva_home
+from aiva.agent_client import bundle
 from aiva.images import build as images
 from aiva.vm.disks import build_rootfs
 from aiva.vm.initramfs import build_initramfs
@@ -29,7 +29,7 @@ class VmArtifacts:
 
 
 def vm_cache() -> Path:
-    return aiva_home() / "cache" / "vm"
+    return paths.vm_cache()
 
 
 def template_tar(template: str, *, progress: Progress | None = None) -> Path:
@@ -42,6 +42,6 @@ def ensure_vm_artifacts(template: str, *, progress: Progress | None = None) -> V
     say: Progress = progress or (lambda _msg: None)
     tar = template_tar(template, progress=say)
     kernel = ensure_kernel(say)
-    initramfs = build_initramfs(kernel, paths.agent_bundle(), vm_cache())
+    initramfs = build_initramfs(kernel, bundle.agent_bundle(), vm_cache())
     rootfs = build_rootfs(tar, tar.with_suffix(".ext4"), progress=say)
     return VmArtifacts(kernel.vmlinuz, initramfs, rootfs, kernel.version)

@@ -17,8 +17,8 @@ import struct
 from importlib import resources
 from pathlib import Path
 
+from aiva.agent_client.bundle import agent_bundle_files
 from aiva.errors import BackendError, BackendUnavailable
-from aiva.paths import agent_bundle_files
 from aiva.vm.kernel import KernelFiles, load_order, module_name, read_module
 
 BUSYBOX = Path("/bin/busybox")

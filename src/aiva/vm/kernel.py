@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiva.config import aiva_home
+from aiva import paths
 from aiva.errors import BackendError, BackendUnavailable
 
 Progress = Callable[[str], None]
@@ -36,7 +36,7 @@ class KernelFiles:
 
 
 def kernel_cache() -> Path:
-    return aiva_home() / "cache" / "vm" / "kernel"
+    return paths.kernel_cache()
 
 
 def _cached(version: str) -> KernelFiles | None:
