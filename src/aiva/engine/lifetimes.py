@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from aiva import paths
 from aiva.errors import InvalidValue
 from aiva.models import SandboxInfo, SandboxSpec, State
 from aiva.paths import aiva_home
+from aiva.periodic import Periodic, Step
 
 if TYPE_CHECKING:
     from aiva.engine import Engine
@@ -284,20 +284,5 @@ async def run_lifetimes(engine: Engine, interval: float = 2.0,
                         stop_event: asyncio.Event | None = None) -> None:
     """The daemon's loop: :func:`tick` on a thread of its own every ``interval`` s, so a
     slow backend neither blocks the event loop nor delays shutdown."""
-    loop = asyncio.get_running_loop()
-    stop_event = stop_event or asyncio.Event()
-
-    def run() -> None:
-        try:
-            tick(engine)
-        except Exception:
-            log.exception("lifetimes tick failed")
-
-    while not stop_event.is_set():
-        began = loop.time()
-        worker = threading.Thread(target=run, daemon=True, name="aiva-lifetimes")
-        worker.start()
-        while worker.is_alive() and not stop_event.is_set():
-            await asyncio.sleep(0.05)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop_event.wait(), max(0.0, interval - (loop.time() - began)))
+    step = Step(lambda: tick(engine), "lifetimes tick failed")
+    await Periodic("aiva-lifetimes", interval, [step], log).run(stop_event or asyncio.Event())

@@ -29,6 +29,7 @@ from aiva.guard.private import make_private_file
 from aiva.models import Event, SandboxInfo, State
 from aiva.observe.logquery import LogEntry, aiva_log_path, log_handler, query_logs, read_aiva_log
 from aiva.observe.metrics import SandboxMetrics
+from aiva.periodic import Periodic, Step
 
 __all__ = ["Collector", "EngineLike", "EventSource", "LogEntry", "Measurer", "Price",
            "aiva_log_path", "as_sample", "cost_of", "costs", "export_jsonl", "follow_events",
@@ -203,31 +204,17 @@ async def run_sampler(engine: EngineLike, interval: float, retention: float,
     """The daemon's sampling loop: sample, prune, sleep the rest of ``interval``. Runs
     on a thread of its own so a stuck engine call neither blocks the event loop nor
     keeps ``stop_event`` from ending the loop at once."""
-    loop = asyncio.get_running_loop()
     collector = Collector(engine.store)
-    worker: threading.Thread | None = None
 
     def tick() -> None:
-        try:
-            collector.sample_all(engine)
-            collector.prune(retention)
-        except Exception:
-            log.exception("metrics sampling failed")
+        collector.sample_all(engine)
+        collector.prune(retention)
 
+    sampler = Periodic("aiva-sampler", interval, [Step(tick, "metrics sampling failed")], log)
     try:
-        while not stop_event.is_set():
-            began = loop.time()
-            worker = threading.Thread(target=tick, daemon=True, name="aiva-sampler")
-            worker.start()
-            while worker.is_alive() and not stop_event.is_set():
-                await asyncio.sleep(0.05)
-            rest = max(0.0, interval - (loop.time() - began))
-            try:
-                await asyncio.wait_for(stop_event.wait(), rest)
-            except TimeoutError:
-                pass
+        await sampler.run(stop_event)
     finally:
-        if worker is None or not worker.is_alive():  # else the thread still uses it
+        if not sampler.busy:  # else the thread still uses it
             collector.close()
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiva.config import Config
 from aiva.errors import AivaError
+from aiva.periodic import Periodic, Step
 from aiva.tasks import runner
 from aiva.tasks.budget import Budget
 from aiva.tasks.models import FINISHED, Task, TaskState
@@ -278,7 +279,6 @@ async def run_scheduler(engine: Engine, stop_event: asyncio.Event | None = None,
     ``interval`` s and the pool's ``maintain`` every ``maintain_every`` s, on threads of
     their own so neither blocks the event loop. At the end, running tasks are put back
     in the queue (their commands killed)."""
-    loop = asyncio.get_running_loop()
     stop_event = stop_event or asyncio.Event()
     try:
         pool = WarmPool(engine)
@@ -286,33 +286,10 @@ async def run_scheduler(engine: Engine, stop_event: asyncio.Event | None = None,
     except Exception:  # the daemon serves on without tasks, and says why
         log.exception("the task scheduler cannot start")
         return
-    last_maintain = 0.0
-
-    def run(maintain: bool) -> None:
-        try:
-            scheduler.tick()
-        except Exception:
-            log.exception("scheduler tick failed")
-        if maintain:
-            try:
-                pool.maintain()
-            except Exception:
-                log.exception("pool maintain failed")
-
+    steps = [Step(scheduler.tick, "scheduler tick failed"),
+             Step(pool.maintain, "pool maintain failed", every=maintain_every)]
     try:
-        while not stop_event.is_set():
-            began = loop.time()
-            maintain = began - last_maintain >= maintain_every
-            if maintain:
-                last_maintain = began
-            worker = threading.Thread(target=run, args=(maintain,), daemon=True,
-                                      name="aiva-scheduler")
-            worker.start()
-            while worker.is_alive() and not stop_event.is_set():
-                await asyncio.sleep(0.05)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop_event.wait(),
-                                       max(0.0, interval - (loop.time() - began)))
+        await Periodic("aiva-scheduler", interval, steps, log).run(stop_event)
     finally:
         await asyncio.to_thread(scheduler.close, 15.0)
         await asyncio.to_thread(pool.close)
